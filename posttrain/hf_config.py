@@ -148,7 +148,8 @@ def config_to_hf(cfg: GemmaConfig, dtype: torch.dtype = torch.float32) -> dict:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        # HF types this field as int; 168 and 256 are integral for every released model.
+        "query_pre_attn_scalar": int(q) if (q := cfg.query_pre_attn_scalar) == int(q) else q,
         "sliding_window": cfg.sliding_window,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
