@@ -302,7 +302,7 @@ class Gemma3(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary projection with the tied embedding: (..., C) -> (..., V)."""
-        return hidden @ self.embed_tokens.weight.T
+        return F.linear(hidden, self.embed_tokens.weight)  # a GEMM on the weight as stored, no transpose copy
 
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,

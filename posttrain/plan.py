@@ -1,0 +1,294 @@
+"""The dry-run plan: architectures, parameter counts and memory per device, without loading weights.
+
+Architectures come from the preset (with `arch` changes) or, for a source without a preset, from
+`read_config(source)`, which reads only metadata. Parameter counts come from a meta-device build.
+
+Memory per device, in bytes, for P parameters and W = distributed.world_size devices. A tensor
+kind is divided by W once the ZeRO stage shards it, and is whole below that stage:
+
+    trained model, mixed precision (dtype bfloat16, GPU):   weights 2P (stage 3), grads 2P
+        (stage >= 2), Adam states 12P = fp32 master + m + v (stage >= 1)
+    trained model, float32 (CPU):                            weights 4P, grads 4P, Adam 8P
+    offload_optimizer:                                       Adam states live in host memory (0 here)
+    frozen model (teacher, reward model): P x bytes(its dtype), sharded under stage 3
+    EMA anchor (J-BOND, WARP) / running average (WARM):     4P, float32 because a 0.02 EMA step
+        rounds away in bf16; sharded under stage 3 like the model it follows
+    activations of one micro-batch (not sharded): rows x T x L x a x bytes(dtype), where
+        a = 8 C + 4 I + 3 H D + 3 K D values per token per layer (block inputs, norms, q/k/v,
+        attention output, the gated MLP's three I-wide tensors), or with activation
+        checkpointing a = C per layer plus one full layer
+    logits: the losses are chunked, so one chunk of min(loss_chunk_tokens, rows x T) tokens x V
+        x 4 bytes x 3 (float32 logits, their softmax/gradient, the target) -- never rows x T x V
+    rollouts: KV cache rows x 2 K D bytes x (G T + S min(window, T)) for G global and S sliding
+        layers, plus under stage 3 the sampling model gathered whole (P x bytes), once per phase
+
+    peak = persistent (trained + frozen + anchor) + max(train step, rollout phase)
+
+Rows per step: distill micro_batch; warm 2 x micro_batch (chosen, rejected); J-BOND
+2 x micro_batch trained (policy sample + best anchor sample) and micro_batch x anchor_samples
+rolled out; WARP micro_batch x samples_per_prompt. A rough guide, within tens of percent:
+allocator fragmentation, DeepSpeed buckets and CUDA context (1-3 GB) are not counted.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, fields
+
+from .config import Config, ModelSpec
+from .embedded import EMBEDDED_NAME
+from .errors import UserError
+from .model import PRESETS, GemmaConfig, param_counts
+
+GiB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2}
+LOGIT_COPIES = 3  # float32 logits, their softmax / gradient, the target distribution
+RM_REWARDS = {"reward_model", "warm"}  # reward names that load the learned (WARM) reward model
+GPU_MEMORY = 80 * GiB  # H100 80GB, the card the GPU recipes are planned for
+
+
+@dataclass
+class ModelPlan:
+    role: str  # student, teacher, reward_model
+    arch: GemmaConfig
+    origin: str  # where the architecture comes from, for the table
+    counts: dict[str, int]  # param_counts: total, embedding, non_embedding
+    dtype: str
+
+
+@dataclass
+class StageMemory:
+    trains: str  # which model the stage trains
+    rows: dict[str, int] = field(default_factory=dict)  # bytes per device, persistent
+    train: dict[str, int] = field(default_factory=dict)  # transient, during a train step
+    rollout: dict[str, int] = field(default_factory=dict)  # transient, during sampling
+
+    @property
+    def peak(self) -> int:
+        return sum(self.rows.values()) + max(sum(self.train.values()), sum(self.rollout.values()), 0)
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    models: dict[str, ModelPlan]
+    stages: dict[str, StageMemory]
+    notes: list[str]
+
+    @property
+    def peak_bytes(self) -> int:
+        """Largest estimated memory per device over the planned stages."""
+        return max((s.peak for s in self.stages.values()), default=0)
+
+    def format(self) -> str:
+        return format_plan(self)
+
+
+# ----------------------------------------------------------------------------- architectures
+
+@functools.lru_cache(maxsize=None)
+def _counts(arch: GemmaConfig) -> dict[str, int]:
+    return param_counts(arch)
+
+
+def _read_config(source: str) -> GemmaConfig:
+    if source == EMBEDDED_NAME:
+        # The embedded model is the 270M; reading it would assemble the file on first use.
+        return PRESETS["270m"]
+    from .checkpoint import read_config  # imported here: plans of preset-only recipes never need it
+    return read_config(source)
+
+
+def check_arch(role: str, spec: ModelSpec, found: GemmaConfig) -> None:
+    """Raise UserError when a source's architecture differs from the preset the recipe names."""
+    expected = spec.preset_config()
+    if expected is None or found == expected:
+        return
+    diffs = [f"{f.name} {getattr(found, f.name)} vs {getattr(expected, f.name)}"
+             for f in fields(GemmaConfig) if getattr(found, f.name) != getattr(expected, f.name)]
+    shown = "; ".join(d for d in diffs if not d.startswith("layer_types")) or "layer_types"
+    raise UserError(f"model.{role}.source '{spec.source}' is not the '{spec.preset}' architecture "
+                    f"(source vs preset: {shown}); fix: correct model.{role}.preset, or set it to null "
+                    "to take the architecture from the source")
+
+
+def resolve_arch(role: str, spec: ModelSpec) -> tuple[GemmaConfig, str]:
+    """(architecture, where it came from) of a model spec, reading metadata only."""
+    if spec.source is None:
+        arch = spec.preset_config()
+        return arch, f"preset {spec.preset}{' + arch' if spec.arch else ''}, random init"
+    found = _read_config(spec.source)
+    check_arch(role, spec, found)
+    return found, spec.source
+
+
+def _model_plan(role: str, spec: ModelSpec) -> ModelPlan:
+    arch, origin = resolve_arch(role, spec)
+    return ModelPlan(role, arch, origin, _counts(arch), spec.dtype)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _shard(cfg: Config, from_stage: int) -> int:
+    return cfg.distributed.world_size if cfg.distributed.zero_stage >= from_stage else 1
+
+
+def _trained(cfg: Config, m: ModelPlan) -> dict[str, int]:
+    P = m.counts["total"]
+    w, g, o = (2, 2, 12) if m.dtype == "bfloat16" else (4, 4, 8)
+    opt = 0 if cfg.distributed.offload_optimizer else o * P // _shard(cfg, 1)
+    return {"trained weights": w * P // _shard(cfg, 3), "gradients": g * P // _shard(cfg, 2), "Adam states": opt}
+
+
+def _frozen(cfg: Config, m: ModelPlan, label: str, dtype: str | None = None) -> dict[str, int]:
+    return {label: BYTES[dtype or m.dtype] * m.counts["total"] // _shard(cfg, 3)}
+
+
+def _train_step(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
+    a, T, b = m.arch, cfg.data.max_seq_len, BYTES[m.dtype]
+    layer = 8 * a.hidden_size + 4 * a.intermediate_size + 3 * (a.num_heads + a.num_kv_heads) * a.head_dim
+    if cfg.distributed.activation_checkpointing:
+        per_token = a.num_layers * a.hidden_size + layer
+    else:
+        per_token = a.num_layers * layer
+    chunk = min(cfg.data.loss_chunk_tokens, rows * T)
+    return {"activations": rows * T * per_token * b, "logits chunk": chunk * a.vocab_size * 4 * LOGIT_COPIES}
+
+
+def _rollout(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
+    a, T, b = m.arch, cfg.data.max_seq_len, BYTES[m.dtype]
+    kv = a.kv_bytes_per_token(b)
+    out = {"KV cache": rows * (kv["global"] * T + kv["sliding"] * min(a.sliding_window, T))}
+    if cfg.distributed.zero_stage == 3:
+        out["gathered weights"] = b * m.counts["total"]
+    return out
+
+
+def _distill(cfg: Config, student: ModelPlan, teacher: ModelPlan) -> StageMemory:
+    mem = StageMemory("student", _trained(cfg, student))
+    if not cfg.distill.cache_targets:
+        mem.rows |= _frozen(cfg, teacher, "teacher (frozen)")
+    mem.train = _train_step(cfg, student, cfg.data.micro_batch_size)
+    if cfg.distill.method == "on_policy":
+        mem.rollout = _rollout(cfg, student, cfg.data.micro_batch_size)
+    return mem
+
+
+def _warm(cfg: Config, rm: ModelPlan) -> StageMemory:
+    mem = StageMemory("reward model", _trained(cfg, rm) | _frozen(cfg, rm, "average / anchor (fp32)", "float32"))
+    mem.train = _train_step(cfg, rm, 2 * cfg.data.micro_batch_size)
+    return mem
+
+
+def _policy(cfg: Config, policy: ModelPlan, rm: ModelPlan | None) -> StageMemory:
+    mb, p = cfg.data.micro_batch_size, cfg.policy
+    mem = StageMemory("policy", _trained(cfg, policy) | _frozen(cfg, policy, "average / anchor (fp32)", "float32"))
+    if rm is not None:
+        mem.rows |= _frozen(cfg, rm, "reward model (frozen)")
+    # (trained rows, rolled-out rows); bond_then_warp runs both phases, so its peak is the larger.
+    phases = [(2 * mb, mb * p.anchor_samples)] if "bond" in p.algorithm else []
+    phases += [(mb * p.samples_per_prompt,) * 2] if "warp" in p.algorithm else []
+    train_rows, rollout_rows = max(r[0] for r in phases), max(r[1] for r in phases)
+    mem.train = _train_step(cfg, policy, train_rows)
+    mem.rollout = _rollout(cfg, policy, rollout_rows)
+    return mem
+
+
+def plan(cfg: Config) -> Plan:
+    """Architectures, parameter counts and memory per device of every planned stage; no weights read."""
+    notes = []
+    models = {"student": _model_plan("student", cfg.model.student)}
+    if cfg.model.teacher is not None:
+        models["teacher"] = _model_plan("teacher", cfg.model.teacher)
+    student = models["student"]
+    needs_rm = "warm" in cfg.stages or ("policy" in cfg.stages and (
+        cfg.policy.tie_break == "reward_model" or any(r.name in RM_REWARDS for r in cfg.rewards)))
+    rm = None
+    if needs_rm:
+        # WARM reward models share the student's backbone (they start from its SFT weights) plus a
+        # scalar head: C weights and a bias.
+        C = student.arch.hidden_size
+        counts = {k: v + (C + 1 if k != "embedding" else 0) for k, v in student.counts.items()}
+        rm = models["reward_model"] = ModelPlan("reward_model", student.arch, "student backbone + scalar head",
+                                                counts, student.dtype)
+
+    stages = {}
+    if "distill" in cfg.stages:
+        stages["distill"] = _distill(cfg, student, models["teacher"])
+    if "warm" in cfg.stages:
+        stages["warm"] = _warm(cfg, rm)
+    if "policy" in cfg.stages:
+        stages["policy"] = _policy(cfg, student, rm)
+
+    for role, m in models.items():
+        if role != "reward_model" and getattr(cfg.model, role).source is None:
+            notes.append(f"{role} has no source: random init of the architecture (fine for plans and "
+                         f"smoke tests); fix for real runs: model.{role}.source=/path/to/weights")
+    teacher = models.get("teacher")
+    if teacher is not None and teacher.arch.vocab_size != student.arch.vocab_size:
+        V = min(teacher.arch.vocab_size, student.arch.vocab_size)
+        notes.append(f"teacher vocab {teacher.arch.vocab_size} vs student {student.arch.vocab_size}: "
+                     f"distillation uses the first {V} ids (the extra rows are the image token and padding)")
+    if cfg.distill.cache_targets and "distill" in stages:
+        notes.append("distill.cache_targets: the teacher runs in its own pass before the student trains "
+                     "(its memory is not in the distill column)")
+    if cfg.distributed.offload_optimizer:
+        notes.append("offload_optimizer: Adam states need host memory: "
+                     f"{_gib(12 * student.counts['total'] // cfg.distributed.world_size)} GiB per device")
+    on_gpu = student.dtype == "bfloat16"
+    peak = max((s.peak for s in stages.values()), default=0)
+    if on_gpu and peak > GPU_MEMORY:
+        notes.append(f"estimated peak {_gib(peak)} GiB exceeds an 80 GB GPU; fix: raise distributed.zero_stage "
+                     "or world_size, enable activation_checkpointing or offload_optimizer, or lower "
+                     "micro_batch_size / max_seq_len")
+    return Plan(cfg, models, stages, notes)
+
+
+# ----------------------------------------------------------------------------- printing
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def format_plan(p: Plan) -> str:
+    cfg, d = p.cfg, p.cfg.distributed
+    lines = [f"plan for '{cfg.name}': stages {', '.join(cfg.stages) or '(none)'}"]
+    T, mb = cfg.data.max_seq_len, cfg.data.micro_batch_size
+    per_step = mb * cfg.data.grad_accum * d.world_size
+    lines.append(f"  {d.world_size} device(s) on {d.nodes} node(s), ZeRO stage {d.zero_stage}"
+                 f"{', optimizer offload' if d.offload_optimizer else ''}"
+                 f"{', activation checkpointing' if d.activation_checkpointing else ''}; "
+                 f"batch {mb} x {T} tokens x grad_accum {cfg.data.grad_accum} x {d.world_size} = "
+                 f"{per_step} sequences ({per_step * T:,} tokens) per step")
+    lines += ["", "models"]
+    header = f"  {'role':<13}{'params':>10}{'non-emb':>10}{'vocab':>8}{'layers':>7}{'hidden':>7}  {'dtype':<9} source"
+    lines.append(header)
+    for m in p.models.values():
+        lines.append(f"  {m.role:<13}{_params(m.counts['total']):>10}{_params(m.counts['non_embedding']):>10}"
+                     f"{m.arch.vocab_size:>8}{m.arch.num_layers:>7}{m.arch.hidden_size:>7}  {m.dtype:<9} {m.origin}")
+    if p.stages:
+        names = list(p.stages)
+        labels = list(dict.fromkeys(k for s in p.stages.values() for k in s.rows))
+        lines += ["", "memory per device, GiB (estimate; formula in posttrain/plan.py)"]
+        lines.append(f"  {'stage':<28}" + "".join(f"{n:>14}" for n in names))
+        lines.append(f"  {'trains':<28}" + "".join(f"{p.stages[n].trains:>14}" for n in names))
+
+        def row(title: str, label: str, part: str) -> str:
+            cells = [getattr(p.stages[n], part).get(label) for n in names]
+            return f"  {title + label:<28}" + "".join(f"{_gib(c) if c is not None else '-':>14}" for c in cells)
+
+        lines += [row("", label, "rows") for label in labels]
+        for part, title in (("train", "train: "), ("rollout", "rollout: ")):
+            part_labels = list(dict.fromkeys(k for s in p.stages.values() for k in getattr(s, part)))
+            lines += [row(title, label, part) for label in part_labels]
+        lines.append(f"  {'peak':<28}" + "".join(f"{_gib(p.stages[n].peak):>14}" for n in names))
+    if p.notes:
+        lines += ["", "notes"] + [f"  - {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+__all__ = ["Plan", "ModelPlan", "StageMemory", "plan", "format_plan", "resolve_arch", "check_arch"]

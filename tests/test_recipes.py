@@ -1,0 +1,141 @@
+"""Every shipped recipe loads and dry-runs; the plan's counts and memory estimate behave."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import posttrain
+import yaml
+
+from posttrain.config import available_recipes, load_config
+from posttrain.errors import UserError
+from posttrain.model import PRESETS, param_counts
+from posttrain.plan import GiB, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+RECIPES = ["demo", "it_12b", "it_1b", "it_270m", "it_27b", "it_4b", "smoke"]
+
+
+@pytest.fixture(autouse=True)
+def _no_world_size(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def test_the_shipped_recipes():
+    assert available_recipes() == RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_dry_run(recipe, tmp_path, capsys):
+    assert train.main([f"recipe={recipe}", "dry_run=true", f"run_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# resolved config: {recipe}\n") and f"plan for '{recipe}'" in out
+    saved = tmp_path / recipe / "resolved_config.yaml"
+    assert yaml.safe_load(saved.read_text())["name"] == recipe
+    cfg = load_config([f"recipe={recipe}"])
+    p = plan(cfg)
+    assert set(p.stages) == {s for s in cfg.stages if s != "export"}
+    assert 0 < p.peak_bytes
+    if cfg.model.student.dtype == "bfloat16":  # GPU recipes must fit the 80 GB card they are planned for
+        assert p.peak_bytes < 80 * GiB, p.format()
+    # the saved config reproduces the run
+    assert load_config([f"recipe={saved}"]) == load_config([f"recipe={recipe}", "dry_run=true", f"run_dir={tmp_path}"])
+
+
+def test_dry_run_in_a_real_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    out = subprocess.run([sys.executable, "train.py", "recipe=it_4b", "dry_run=true", f"run_dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "peak" in out.stdout and "ZeRO stage 3" in out.stdout and out.stderr == ""
+    assert (tmp_path / "it_4b" / "resolved_config.yaml").exists()
+
+
+def test_inherited_recipes_change_only_sizes():
+    small = load_config(["recipe=it_270m"])
+    assert (small.model.student.preset, small.model.teacher.preset) == ("270m", "1b")
+    assert small.model.student.dtype == "bfloat16" and small.distill.num_samples == 256  # from it_4b
+    assert small.distributed.zero_stage == 0 and small.data.max_seq_len == 2048
+
+
+def test_plan_parameter_counts_match_the_model():
+    p = plan(load_config(["recipe=it_4b"]))
+    expected = param_counts(PRESETS["4b"])
+    assert p.models["student"].counts == expected
+    assert p.models["teacher"].counts == param_counts(PRESETS["27b"])
+    assert expected["non_embedding"] == 3_209_010_688  # the report's 3,209M
+    assert "3.88 B" in p.format()
+
+
+def test_plan_formula_for_one_case():
+    # distill on 8 devices, ZeRO-3, bf16: 2P weights, 2P grads and 12P Adam states, all over 8.
+    cfg = load_config(["recipe=it_4b", "stages=[distill]"])
+    P = param_counts(PRESETS["4b"])["total"]
+    rows = plan(cfg).stages["distill"].rows
+    assert rows["trained weights"] == 2 * P // 8 and rows["gradients"] == 2 * P // 8
+    assert rows["Adam states"] == 12 * P // 8
+    assert rows["teacher (frozen)"] == 2 * param_counts(PRESETS["27b"])["total"] // 8
+    rows = plan(load_config(["recipe=it_4b", "stages=[distill]", "distributed.zero_stage=1"])).stages["distill"].rows
+    assert rows["trained weights"] == 2 * P and rows["gradients"] == 2 * P and rows["Adam states"] == 12 * P // 8
+    cpu = plan(load_config(["recipe=it_4b", "stages=[distill]", "model.student.dtype=float32",
+                            "distributed.zero_stage=0"])).stages["distill"].rows
+    assert (cpu["trained weights"], cpu["gradients"], cpu["Adam states"]) == (4 * P, 4 * P, 8 * P)
+    offload = plan(load_config(["recipe=it_4b", "stages=[distill]", "distributed.offload_optimizer=true"]))
+    assert offload.stages["distill"].rows["Adam states"] == 0 and "host memory" in offload.format()
+
+
+@pytest.mark.parametrize("recipe", ["it_4b", "it_27b", "smoke"])
+def test_memory_shrinks_with_zero_stage(recipe):
+    peaks = [plan(load_config([f"recipe={recipe}", f"distributed.zero_stage={z}", "distributed.world_size=8",
+                               "distributed.nodes=1"])).peak_bytes for z in range(4)]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4, peaks
+
+
+def test_memory_shrinks_with_world_size_under_zero3():
+    peaks = [plan(load_config(["recipe=it_12b", f"distributed.world_size={w}", "distributed.nodes=1"])).peak_bytes
+             for w in (1, 2, 8, 32)]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4, peaks
+
+
+def test_activation_checkpointing_and_cached_targets_reduce_memory():
+    base = plan(load_config(["recipe=it_4b"])).stages["distill"]
+    no_ckpt = plan(load_config(["recipe=it_4b", "distributed.activation_checkpointing=false"])).stages["distill"]
+    cached = plan(load_config(["recipe=it_4b", "distill.cache_targets=true"])).stages["distill"]
+    assert no_ckpt.train["activations"] > 5 * base.train["activations"]
+    assert cached.peak < base.peak and "teacher (frozen)" not in cached.rows
+
+
+def test_plan_reads_a_source_architecture(tmp_path):
+    from posttrain.hf_config import config_to_hf
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(PRESETS["1b"])))
+    p = plan(load_config(["recipe=it_1b", f"model.student.source={tmp_path}"]))
+    assert p.models["student"].arch == PRESETS["1b"] and p.models["student"].origin == str(tmp_path)
+    p = plan(load_config(["recipe=it_1b", f"model.student.source={tmp_path}", "model.student.preset=null"]))
+    assert p.models["student"].arch == PRESETS["1b"]
+    with pytest.raises(UserError, match="is not the '4b' architecture"):
+        plan(load_config(["recipe=it_4b", f"model.student.source={tmp_path}"]))
+    with pytest.raises(UserError, match="does not exist"):
+        plan(load_config(["recipe=it_4b", f"model.student.source={tmp_path / 'missing'}"]))
+
+
+def test_smoke_runs_end_to_end(tmp_path):
+    """Not a dry run: loads the tiny models and the tokenizer, evaluates, walks the stages."""
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    out = subprocess.run([sys.executable, "train.py", "recipe=smoke", f"run_dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "student: 17.0M parameters" in out.stdout and "'What is 2 + 3?' ->" in out.stdout
+    # export is real: transformers-loadable HF directory with the student's architecture
+    export = tmp_path / "smoke" / "export"
+    assert posttrain.read_config(export).hidden_size == 64
+    assert (export / "tokenizer.model").exists() and (export / "model.safetensors").exists()

@@ -1,0 +1,161 @@
+"""Post-train a Gemma 3 model: config -> distill -> warm -> policy -> export.
+
+    python train.py recipe=demo                                   # one process (CPU demo, real 270M)
+    python train.py recipe=it_4b dry_run=true                     # plan: parameters, memory per device
+    torchrun --nproc_per_node=2 train.py recipe=smoke             # 2 ranks on one machine (gloo on CPU)
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
+        train.py recipe=it_27b model.student.source=/ckpt/gemma-3-27b-pt    # on every node
+    python train.py --help                                        # every key, its default and meaning
+
+Arguments are `recipe=NAME` (recipes/NAME.yaml, or a path to a .yaml file) and dotted
+`key=value` overrides, e.g. `distill.lr=1e-5 tracking.tags=[a,b] model.teacher=null`.
+Mistakes in them print one `error: ...` line per problem (no traceback) and exit with status 2.
+
+The resolved config is printed once and saved to <run_dir>/<name>/resolved_config.yaml; each
+stage writes <run_dir>/<name>/<stage>/. The training stages land in later issues: until then each
+one says it is not implemented and the run goes on (nothing is faked).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.checkpoint import load_model, save_pretrained
+from posttrain.config import Config, ModelSpec, describe_keys, load_config, print_config, save_config
+from posttrain.embedded import EMBEDDED_NAME
+from posttrain.errors import UserError
+from posttrain.model import Gemma3, build_model, param_counts
+from posttrain.plan import check_arch, plan
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def log(*args) -> None:
+    """Print on rank 0 only, so a multi-process run reads like a single one."""
+    if RANK == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+
+def load(role: str, spec: ModelSpec, seed: int, device: str) -> Gemma3:
+    """A model from its spec: the source's weights, or a random init of the preset (+ arch)."""
+    dtype = getattr(torch, spec.dtype)
+    if spec.source is None:
+        model = build_model(spec.preset_config(), device=device, dtype=dtype, seed=seed).eval()
+        origin = f"random init of preset {spec.preset}"
+    else:
+        model = load_model(spec.source, dtype=dtype, device=device)
+        check_arch(role, spec, model.config)
+        origin = spec.source
+    counts = param_counts(model.config)
+    log(f"{role}: {counts['total'] / 1e6:,.1f}M parameters ({counts['non_embedding'] / 1e6:,.1f}M "
+        f"non-embedding), {spec.dtype}, from {origin}")
+    return model
+
+
+def tokenizer_source(cfg: Config) -> str:
+    # All Gemma 3 sizes share one tokenizer, so a preset-only (random) model uses the embedded one.
+    return cfg.model.tokenizer or cfg.model.student.source or EMBEDDED_NAME
+
+
+def smoke_eval(model: Gemma3, tok, prompts: list[str], max_new_tokens: int = 16) -> None:
+    """Greedy replies to the recipe's eval_prompts, with the plain full-forward oracle loop."""
+    from posttrain.oracle import greedy_generate  # the lead's reference generator
+
+    for prompt in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True).ids
+        t0 = time.perf_counter()
+        out = greedy_generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids)
+        log(f"  {prompt!r} -> {tok.decode(out, skip_special_tokens=True)!r} "
+            f"({len(out)} tokens, {time.perf_counter() - t0:.1f}s)")
+
+
+# ----------------------------------------------------------------------------- stages
+
+def not_implemented(name: str):
+    def run(cfg: Config, models: dict, tok) -> None:
+        log(f"stage '{name}' is not implemented yet; skipping it (nothing written to "
+            f"{cfg.out_dir / name})")
+    return run
+
+
+def export(cfg: Config, models: dict, tok) -> None:
+    """The student as an HF directory (config.json, safetensors, tokenizer) transformers loads."""
+    out = Path(cfg.export.dir) if cfg.export.dir else cfg.out_dir / "export"
+    if RANK == 0:
+        save_pretrained(models["student"], tok, out, dtype=getattr(torch, cfg.export.dtype))
+    log(f"exported the student to {out} ({cfg.export.dtype})")
+
+
+# Each stage takes (cfg, models, tokenizer) and writes <run_dir>/<name>/<stage>/.
+STAGES = {
+    "distill": not_implemented("distill"),  # posttrain/distill.py
+    "warm": not_implemented("warm"),  # posttrain/warm.py
+    "policy": not_implemented("policy"),  # posttrain/bond.py, posttrain/warp.py
+    "export": export,
+}
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        print("keys (type = default): description\n" + describe_keys())
+        return 0
+    try:
+        return run(argv)
+    except UserError as e:
+        # Every rank hits the same config error: one report per node (paths can differ by node).
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            for line in str(e).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str]) -> int:
+    # 1. config: recipe + overrides, printed once and saved with the run
+    cfg = load_config(argv)
+    if RANK == 0:
+        print_config(cfg)
+        log(f"saved {save_config(cfg)}")
+
+    # 2. dry run: what would run, on what, in how much memory; no weights read
+    if cfg.dry_run:
+        log("\n" + plan(cfg).format())
+        return 0
+
+    # 3. models and tokenizer
+    torch.manual_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from posttrain.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_source(cfg))
+    models = {"student": load("student", cfg.model.student, cfg.seed, device)}
+    if cfg.model.teacher is not None:
+        models["teacher"] = load("teacher", cfg.model.teacher, cfg.seed + 1, device)
+    for role, model in models.items():
+        if model.config.vocab_size < tok.vocab_size:
+            raise UserError(f"model.{role} has {model.config.vocab_size} embedding rows but the tokenizer "
+                            f"({tok.source}) has {tok.vocab_size} pieces; fix: use a Gemma 3 vocabulary "
+                            f"(do not shrink vocab_size in model.{role}.arch)")
+    if cfg.data.eval_prompts:
+        log("smoke evaluation (student, greedy):")
+        smoke_eval(models["student"], tok, cfg.data.eval_prompts)
+
+    # 4. stages, in pipeline order
+    for name in cfg.stages:
+        log(f"\n== stage {name}")
+        STAGES[name](cfg, models, tok)
+    log(f"\ndone: {cfg.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
