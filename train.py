@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from posttrain.checkpoint import load_model, save_pretrained
-from posttrain.config import Config, ModelSpec, describe_keys, load_config, print_config, save_config
+from posttrain.config import Config, ModelSpec
+from posttrain.recipe import describe_keys, load_config, print_config, save_config
 from posttrain.embedded import EMBEDDED_NAME
 from posttrain.errors import UserError
 from posttrain.model import Gemma3, build_model, param_counts

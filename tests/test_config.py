@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.config import (
-    Config, ModelSpec, all_keys, build_config, describe_keys, load_config, parse_value, save_config,
-)
+from posttrain.config import Config, ModelSpec
+from posttrain.recipe import all_keys, build_config, describe_keys, load_config, parse_value, save_config
 from posttrain.errors import UserError
 from posttrain.model import PRESETS
 from posttrain.plan import check_arch

@@ -12,7 +12,7 @@ import pytest
 import posttrain
 import yaml
 
-from posttrain.config import available_recipes, load_config
+from posttrain.recipe import available_recipes, load_config
 from posttrain.errors import UserError
 from posttrain.model import PRESETS, param_counts
 from posttrain.plan import GiB, plan
