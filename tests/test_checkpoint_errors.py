@@ -141,3 +141,34 @@ def test_dtype_and_device_are_applied(tiny_dir):
 def test_copied_directory_is_independent(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, tmp_path / "copy")
     assert posttrain.read_config(tmp_path / "copy") == TINY
+
+
+def test_train_reports_a_broken_checkpoint_in_one_line(tiny_dir, tmp_path, capsys):
+    """Through the CLI a bad checkpoint is one `error:` line and exit status 2, no traceback."""
+    import train
+
+    f = tiny_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    status = train.main([
+        "recipe=smoke", f"run_dir={tmp_path}", f"model.student.source={tiny_dir}", "model.student.preset=null",
+        "model.student.arch={}", "model.teacher=null", "stages=[export]",
+    ])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("error:") == 1 and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_library_never_imports_transformers():
+    """transformers is a test-only reference: importing and using the library must not load it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, posttrain\n"
+        "from posttrain import checkpoint, tokenizer, oracle, plan, recipe, config, hf_config, gguf_io\n"
+        "m = posttrain.build_model(posttrain.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,"
+        " num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=4))\n"
+        "m(torch.tensor([[1, 2, 3]]))\n"
+        "assert 'transformers' not in sys.modules, 'posttrain imported transformers'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
