@@ -32,6 +32,7 @@ from posttrain.embedded import EMBEDDED_NAME
 from posttrain.errors import UserError
 from posttrain.model import Gemma3, build_model, param_counts
 from posttrain.plan import check_arch, plan
+from posttrain.sampler import Sampler
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -66,15 +67,14 @@ def tokenizer_source(cfg: Config) -> str:
 
 
 def smoke_eval(model: Gemma3, tok, prompts: list[str], max_new_tokens: int = 16) -> None:
-    """Greedy replies to the recipe's eval_prompts, with the plain full-forward oracle loop."""
-    from posttrain.oracle import greedy_generate  # the lead's reference generator
-
-    for prompt in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True).ids
-        t0 = time.perf_counter()
-        out = greedy_generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids)
-        log(f"  {prompt!r} -> {tok.decode(out, skip_special_tokens=True)!r} "
-            f"({len(out)} tokens, {time.perf_counter() - t0:.1f}s)")
+    """Greedy replies to the recipe's eval_prompts, in one batch through the KV-cached sampler."""
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True).ids
+           for p in prompts]
+    t0 = time.perf_counter()
+    out = Sampler(model).generate(ids, max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=tok.stop_ids)
+    for prompt, (reply,) in zip(prompts, out):
+        log(f"  {prompt!r} -> {tok.decode(reply.tokens, skip_special_tokens=True)!r} ({len(reply.tokens)} tokens)")
+    log(f"  ({time.perf_counter() - t0:.1f}s)")
 
 
 # ----------------------------------------------------------------------------- stages
