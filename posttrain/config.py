@@ -208,9 +208,14 @@ class PolicySection(Section):
 
 
 class RewardSpec(Section):
-    name: str = Field(description="a built-in reward (rewards registry), 'module:attr' or 'file.py:attr'")
-    weight: float = Field(1.0, description="weight in the sum of rewards")
-    timeout_s: float = Field(10.0, gt=0, description="deadline per batch; a timeout fails the sample closed")
+    name: str = Field(description="a registered reward (math, format, code, safety, an installed "
+                      "'posttrain.rewards' entry point), 'package.module:attr' or 'path/to/file.py:attr'")
+    weight: float = Field(1.0, description="weight in the sum of rewards; 0 = computed and logged only")
+    timeout_s: float = Field(10.0, gt=0, description="deadline of one reward call (a batch); past it the "
+                             "batch's samples count as timeouts and are handled per on_error")
+    on_error: Literal["skip", "zero", "raise"] = Field(
+        "skip", description="a sample this reward could not score (it raised, timed out, or gave None): "
+        "skip = drop the sample; zero = this reward counts 0 for it; raise = stop the run on an error or timeout")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options for the reward")
 
 
