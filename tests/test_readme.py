@@ -8,15 +8,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_commands() -> list[str]:
-    block = re.search(r"## Set up.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
-    return [line for line in block.splitlines() if line and not line.startswith("#")]
+    section = re.search(r"## Set up\n(.*?)\n## ", (ROOT / "README.md").read_text(), re.S).group(1)
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def test_ci_runs_the_readme_test_command():
-    demo, tests = readme_commands()
+    system, demo, tests = readme_commands()
     assert "python train.py recipe=demo" in demo
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci_lines
+    # the system packages the README asks for are the ones CI installs
+    packages = system.split("apt-get install -y")[1].split()
+    assert any(line.startswith("apt-get") and line.split("install -y -qq")[1].split() == packages for line in ci_lines)
 
 
 def test_file_tree_lists_every_tracked_file():
