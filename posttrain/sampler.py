@@ -15,6 +15,9 @@ Design (DESIGN.md section 5):
   token, the numbers RL needs; they equal a full forward of the same sequence (tested).
 - The model is a plain module: under ZeRO-3 the engine gathers the weights once around a whole
   `generate` call (a rollout phase), never per token.
+- CPU path: the decode step's matrix-vector products run on oneDNN with weights prepacked once
+  per weight version (`pack_weights`, on by default on CPU): about 2x faster than MKL on skinny
+  products, at the cost of a second copy of the weights while the sampler lives.
 - GPU path: bf16 works as is; `compile_decode=True` compiles the decode step with static shapes
   (attention over the whole preallocated cache, masked), and with mode "reduce-overhead" on CUDA
   that also captures CUDA graphs. The CPU path never needs it.
@@ -28,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .model import Gemma3, GemmaConfig
+from .model import Gemma3, GemmaConfig, apply_rope
 
 
 class Completion(NamedTuple):
@@ -105,14 +108,54 @@ def _attend(q, k, v, mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def _onednn_ok() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedWeights:
+    """oneDNN-prepacked copies of a model's linear weights, for skinny CPU products (decode).
+
+    A weight is repacked only when it changed: its storage or its in-place version counter
+    (optimizer steps are in-place), so a sampler reused across RL steps stays correct.
+    """
+
+    def __init__(self, model: Gemma3, rows_hint: int = 8):
+        self.model, self.rows_hint = model, rows_hint
+        self.packed: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
+
+    def weights(self) -> list[torch.Tensor]:
+        out = [self.model.embed_tokens.weight]
+        for block in self.model.layers:
+            a, m = block.self_attn, block.mlp
+            out += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+                    m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+        return out
+
+    def refresh(self) -> None:
+        for w in self.weights():
+            stamp = (w.data_ptr(), w._version)
+            if self.packed.get(id(w), (None,))[0] != stamp:
+                self.packed[id(w)] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows_hint))
+
+    def linear(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x (R, in) @ weight.T -> (R, out), on the packed copy."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed[id(weight)][1], None, "none", [], "")
+
+
 class Sampler:
     """Batched generation with a static KV cache on a plain (unwrapped) Gemma3 module."""
 
-    def __init__(self, model: Gemma3, *, prefill_chunk: int = 512, compile_decode: bool = False):
+    def __init__(self, model: Gemma3, *, prefill_chunk: int = 512, compile_decode: bool = False,
+                 pack_weights: bool | None = None):
         self.model = model
         self.cfg = model.config
         self.prefill_chunk = prefill_chunk
         self.static = compile_decode
+        weight = model.embed_tokens.weight
+        if pack_weights is None:  # auto: CPU float32/bfloat16 with oneDNN, and not the compiled path
+            pack_weights = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+                            and not compile_decode and _onednn_ok())
+        self.packed = PackedWeights(model) if pack_weights else None
         self._decode = self._decode_step
         if compile_decode:
             mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
@@ -140,6 +183,8 @@ class Sampler:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
+        if self.packed is not None:
+            self.packed.refresh()
         rows = len(prompts) * n
         length = max(len(p) for p in prompts) + max_new_tokens
         cache = KVCache(self.cfg, rows, length, self.model.embed_tokens.weight.dtype, device)
@@ -253,11 +298,22 @@ class Sampler:
             cache.slot_pos[row, keep % ring] = keep
         return self._logits(self.model.norm(x[:, -1]))
 
+    def _linear(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.linear(weight, x)
+        return F.linear(x, weight)
+
     def _decode_step(self, cache: KVCache, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One token for every row: token (R,) at positions pos (R,) -> next-token logits (R, V)."""
+        """One token for every row: token (R,) at positions pos (R,) -> next-token logits (R, V).
+
+        The same math as Gemma3.forward for one position (tested against it), written on (R, C)
+        rows so the projections can use the packed weights.
+        """
         R = token.shape[0]
         rows = torch.arange(R, device=token.device)
         W, ring = self.cfg.sliding_window, cache.ring
+        H, K, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        lin = self._linear
         slot = pos % ring
         cache.slot_pos[rows, slot] = pos
         # Global layers read only the slots written so far (the static path reads all of them).
@@ -266,10 +322,15 @@ class Sampler:
         global_mask = (kpos[None, :] <= pos[:, None])[:, None, None]  # (R, 1, 1, used)
         sp = cache.slot_pos
         sliding_mask = ((sp > (pos[:, None] - W)) & (sp >= 0))[:, None, None]  # (R, 1, 1, ring)
-        x = self.model.embed(token[:, None])  # (R, 1, C)
+        x = self.model.embed(token)  # (R, C)
         for layer, block in enumerate(self.model.layers):
-            attn = block.self_attn
-            q, k, v = attn.project_qkv(block.input_layernorm(x), pos[:, None])  # (R, H|K, 1, D)
+            attn, mlp = block.self_attn, block.mlp
+            h = block.input_layernorm(x)
+            q = attn.q_norm(lin(attn.q_proj.weight, h).view(R, H, 1, D))  # (R, H, 1, D)
+            k = attn.k_norm(lin(attn.k_proj.weight, h).view(R, K, 1, D))  # (R, K, 1, D)
+            v = lin(attn.v_proj.weight, h).view(R, K, 1, D)
+            q = apply_rope(q, pos[:, None], attn.inv_freq)
+            k = apply_rope(k, pos[:, None], attn.inv_freq)
             at = pos if attn.is_global else slot
             cache.k[layer][rows, :, at] = k[:, :, 0]
             cache.v[layer][rows, :, at] = v[:, :, 0]
@@ -277,5 +338,11 @@ class Sampler:
                 y = _attend(q, cache.k[layer][:, :, :used], cache.v[layer][:, :, :used], global_mask, attn.scale)
             else:
                 y = _attend(q, cache.k[layer], cache.v[layer], sliding_mask, attn.scale)
-            x = self._block_tail(block, x, y.transpose(1, 2).reshape(R, 1, -1))
-        return self._logits(self.model.norm(x[:, 0]))
+            x = x + block.post_attention_layernorm(lin(attn.o_proj.weight, y.reshape(R, H * D)))
+            h = block.pre_feedforward_layernorm(x)
+            gated = F.gelu(lin(mlp.gate_proj.weight, h), approximate="tanh") * lin(mlp.up_proj.weight, h)
+            x = x + block.post_feedforward_layernorm(lin(mlp.down_proj.weight, gated))
+        hidden = self.model.norm(x)
+        if self.packed is not None:
+            return self.packed.linear(self.model.embed_tokens.weight, hidden)
+        return self._logits(hidden)

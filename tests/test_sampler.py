@@ -166,3 +166,21 @@ def test_compiled_static_decode_matches(model):
     eager = Sampler(model).generate(prompts, **kw)
     compiled = Sampler(model, compile_decode=True).generate(prompts, **kw)
     assert [g[0].tokens for g in compiled] == [g[0].tokens for g in eager]
+
+
+def test_packed_and_plain_decode_agree_and_packs_follow_weight_updates():
+    """oneDNN-packed decode (CPU default) equals plain F.linear decode, and an in-place weight
+    update (an optimizer step) is seen by the next generate call, not served from a stale pack."""
+    m = posttrain.build_model(CFG, seed=1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(8)
+    prompts = random_prompts((4, 13), seed=7)
+    kw = dict(max_new_tokens=12, temperature=0, stop_token_ids=[])
+    packed, plain = Sampler(m, pack_weights=True), Sampler(m, pack_weights=False)
+    assert [g[0].tokens for g in packed.generate(prompts, **kw)] == [g[0].tokens for g in plain.generate(prompts, **kw)]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    after = [g[0].tokens for g in packed.generate(prompts, **kw)]
+    assert after == [greedy_generate(m, p, 12) for p in prompts]
