@@ -260,24 +260,53 @@ class Sampler:
         weight and few rows of h, MKL runs this form up to 2x faster on CPU (bench/sampler.py)."""
         return (self.model.embed_tokens.weight @ hidden.T).T
 
+    def _linear(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) -> (N, out): the packed oneDNN copy on CPU, else a plain F.linear."""
+        if self.packed is not None:
+            return self.packed.linear(weight, x)
+        return F.linear(x, weight)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (N, C) -> logits (N, V)."""
+        if self.packed is not None:
+            return self.packed.linear(self.model.embed_tokens.weight, hidden)
+        return self._logits(hidden)
+
+    def _qkv(self, attn, h: torch.Tensor, positions: torch.Tensor):
+        """h (B*T, C) normed inputs, positions (B, T) -> q (B, H, T, D), k and v (B, K, T, D).
+
+        The same math as Attention.project_qkv (QK-norm, then RoPE), on flattened tokens so the
+        projections can run on packed weights."""
+        B, T = positions.shape
+        H, K, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        q = self._linear(attn.q_proj.weight, h).view(B, T, H, D).transpose(1, 2)
+        k = self._linear(attn.k_proj.weight, h).view(B, T, K, D).transpose(1, 2)
+        v = self._linear(attn.v_proj.weight, h).view(B, T, K, D).transpose(1, 2)
+        q = apply_rope(attn.q_norm(q), positions, attn.inv_freq)
+        k = apply_rope(attn.k_norm(k), positions, attn.inv_freq)
+        return q, k, v
+
     def _block_tail(self, block, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Everything in a block after attention: post-norm, residual, the MLP branch."""
-        x = x + block.post_attention_layernorm(block.self_attn.o_proj(attn_out))
-        return x + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(x)))
+        """Everything in a block after attention, on flattened tokens: x (N, C), attn_out (N, H*D)."""
+        mlp = block.mlp
+        x = x + block.post_attention_layernorm(self._linear(block.self_attn.o_proj.weight, attn_out))
+        h = block.pre_feedforward_layernorm(x)
+        gated = F.gelu(self._linear(mlp.gate_proj.weight, h), approximate="tanh") * self._linear(mlp.up_proj.weight, h)
+        return x + block.post_feedforward_layernorm(self._linear(mlp.down_proj.weight, gated))
 
     def _prefill(self, cache: KVCache, row: int, prompt: Sequence[int], device) -> torch.Tensor:
         """Run one prompt into cache row `row`, chunk by chunk; returns the last position's logits (1, V)."""
-        ids = torch.tensor([list(prompt)], device=device)
+        ids = torch.tensor(list(prompt), device=device)
         W, ring = self.cfg.sliding_window, cache.ring
-        for s in range(0, ids.shape[1], self.prefill_chunk):
-            e = min(s + self.prefill_chunk, ids.shape[1])
+        for s in range(0, ids.shape[0], self.prefill_chunk):
+            e = min(s + self.prefill_chunk, ids.shape[0])
             qpos = torch.arange(s, e, device=device)
             ring_pos = cache.slot_pos[row]  # (ring,) positions held before this chunk
             keep = qpos[-ring:]  # the chunk positions that stay in the ring afterwards
-            x = self.model.embed(ids[:, s:e])  # (1, Tc, C)
+            x = self.model.embed(ids[s:e])  # (Tc, C)
             for layer, block in enumerate(self.model.layers):
                 attn = block.self_attn
-                q, k, v = attn.project_qkv(block.input_layernorm(x), qpos[None])  # (1, H|K, Tc, D)
+                q, k, v = self._qkv(attn, block.input_layernorm(x), qpos[None])  # (1, H|K, Tc, D)
                 if attn.is_global:
                     cache.k[layer][row, :, s:e] = k[0]
                     cache.v[layer][row, :, s:e] = v[0]
@@ -294,26 +323,15 @@ class Sampler:
                     cache.k[layer][row][:, keep % ring] = k[0, :, -len(keep):]  # (K, n, D)
                     cache.v[layer][row][:, keep % ring] = v[0, :, -len(keep):]
                 y = _attend(q, keys, vals, mask[None, None], attn.scale)  # (1, H, Tc, D)
-                x = self._block_tail(block, x, y.transpose(1, 2).reshape(1, e - s, -1))
+                x = self._block_tail(block, x, y.transpose(1, 2).reshape(e - s, -1))
             cache.slot_pos[row, keep % ring] = keep
-        return self._logits(self.model.norm(x[:, -1]))
-
-    def _linear(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return self.packed.linear(weight, x)
-        return F.linear(x, weight)
+        return self._head(self.model.norm(x[-1:]))
 
     def _decode_step(self, cache: KVCache, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One token for every row: token (R,) at positions pos (R,) -> next-token logits (R, V).
-
-        The same math as Gemma3.forward for one position (tested against it), written on (R, C)
-        rows so the projections can use the packed weights.
-        """
+        """One token for every row: token (R,) at positions pos (R,) -> next-token logits (R, V)."""
         R = token.shape[0]
         rows = torch.arange(R, device=token.device)
         W, ring = self.cfg.sliding_window, cache.ring
-        H, K, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        lin = self._linear
         slot = pos % ring
         cache.slot_pos[rows, slot] = pos
         # Global layers read only the slots written so far (the static path reads all of them).
@@ -324,13 +342,8 @@ class Sampler:
         sliding_mask = ((sp > (pos[:, None] - W)) & (sp >= 0))[:, None, None]  # (R, 1, 1, ring)
         x = self.model.embed(token)  # (R, C)
         for layer, block in enumerate(self.model.layers):
-            attn, mlp = block.self_attn, block.mlp
-            h = block.input_layernorm(x)
-            q = attn.q_norm(lin(attn.q_proj.weight, h).view(R, H, 1, D))  # (R, H, 1, D)
-            k = attn.k_norm(lin(attn.k_proj.weight, h).view(R, K, 1, D))  # (R, K, 1, D)
-            v = lin(attn.v_proj.weight, h).view(R, K, 1, D)
-            q = apply_rope(q, pos[:, None], attn.inv_freq)
-            k = apply_rope(k, pos[:, None], attn.inv_freq)
+            attn = block.self_attn
+            q, k, v = self._qkv(attn, block.input_layernorm(x), pos[:, None])  # (R, H|K, 1, D)
             at = pos if attn.is_global else slot
             cache.k[layer][rows, :, at] = k[:, :, 0]
             cache.v[layer][rows, :, at] = v[:, :, 0]
@@ -338,11 +351,5 @@ class Sampler:
                 y = _attend(q, cache.k[layer][:, :, :used], cache.v[layer][:, :, :used], global_mask, attn.scale)
             else:
                 y = _attend(q, cache.k[layer], cache.v[layer], sliding_mask, attn.scale)
-            x = x + block.post_attention_layernorm(lin(attn.o_proj.weight, y.reshape(R, H * D)))
-            h = block.pre_feedforward_layernorm(x)
-            gated = F.gelu(lin(mlp.gate_proj.weight, h), approximate="tanh") * lin(mlp.up_proj.weight, h)
-            x = x + block.post_feedforward_layernorm(lin(mlp.down_proj.weight, gated))
-        hidden = self.model.norm(x)
-        if self.packed is not None:
-            return self.packed.linear(self.model.embed_tokens.weight, hidden)
-        return self._logits(hidden)
+            x = self._block_tail(block, x, y.reshape(R, -1))
+        return self._head(self.model.norm(x))
