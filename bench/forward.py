@@ -10,23 +10,12 @@ ratio transformers / ours, so numbers from this shared, noisy machine compare fa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import posttrain
 from posttrain.checkpoint import embedded_hf_dir
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main() -> None:
@@ -46,6 +35,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     rows = []
     with torch.inference_mode():
+        ours(ids), theirs(ids)  # warm-up
         t_ours = median_seconds(lambda: ours(ids), args.repeats)
         t_theirs = median_seconds(lambda: theirs(ids).logits, args.repeats)
         rows.append(("forward + logits", t_ours, t_theirs))

@@ -13,30 +13,20 @@ against a full-length cache. Quote ratios, not absolute numbers: this machine is
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import posttrain
 from posttrain.checkpoint import embedded_hf_dir
 from posttrain.sampler import KVCache, Sampler, kv_cache_bytes
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def read_bandwidth(repeats: int = 5) -> float:
     """Bytes/s of a plain read of a 1 GiB float32 buffer (a sum): the decode roofline's denominator."""
     buf = torch.ones(2**28)
     buf.sum()
-    return buf.numel() * 4 / timed(buf.sum, repeats)
+    return buf.numel() * 4 / median_seconds(buf.sum, repeats)
 
 
 def main() -> None:
@@ -76,11 +66,10 @@ def main() -> None:
 
             run_ours(), run_hf()  # warm-up
             tokens = batch * args.new_tokens
-            ours, theirs = tokens / timed(run_ours, args.repeats), tokens / timed(run_hf, args.repeats)
+            ours, theirs = tokens / median_seconds(run_ours, args.repeats), tokens / median_seconds(run_hf, args.repeats)
             roofline = batch * bandwidth / weight_bytes
             print(f"{dtype_name:9s} {batch:5d} {ours:11.1f} {theirs:9.1f} {ours / theirs:7.2f}x "
                   f"{100 * ours / roofline:14.0f}% {100 * theirs / roofline:12.0f}%")
-        del ours_model, hf, sampler
 
     print("\nKV cache, bf16, one sequence (allocated on the meta device):")
     for name, context in (("270m", 32_768), ("4b", 131_072)):
