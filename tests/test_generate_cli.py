@@ -1,7 +1,6 @@
 """`python -m posttrain.generate` streams exactly the text of the sampler's tokens."""
 
 import pytest
-import torch
 
 import posttrain
 from posttrain.generate import main
