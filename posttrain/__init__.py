@@ -11,14 +11,7 @@ Public API:
 from .checkpoint import load_model, read_config, save_pretrained
 from .errors import UserError
 from .model import PRESETS, Gemma3, GemmaConfig, build_model, param_counts
-
-
-def __getattr__(name):
-    if name == "load_tokenizer":
-        from .tokenizer import load_tokenizer
-        return load_tokenizer
-    raise AttributeError(f"module 'posttrain' has no attribute '{name}'")
-
+from .tokenizer import load_tokenizer
 
 __all__ = [
     "load_model", "read_config", "save_pretrained", "load_tokenizer", "UserError",

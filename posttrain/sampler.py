@@ -45,10 +45,9 @@ class Completion(NamedTuple):
 def kv_cache_bytes(cfg: GemmaConfig, context: int, rows: int = 1, bytes_per_value: int = 2,
                    ring: bool = True) -> int:
     """KV-cache bytes for `rows` sequences of `context` tokens; ring=False is a full-length cache."""
-    per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * bytes_per_value  # k and v
-    slots = sum(context if cfg.is_global(i) or not ring else min(cfg.sliding_window, context)
-                for i in range(cfg.num_layers))
-    return rows * slots * per_slot
+    per_token = cfg.kv_bytes_per_token(bytes_per_value)
+    sliding_slots = min(cfg.sliding_window, context) if ring else context
+    return rows * (per_token["global"] * context + per_token["sliding"] * sliding_slots)
 
 
 class KVCache:
