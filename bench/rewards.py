@@ -7,10 +7,12 @@ The programs are HumanEval's canonical solutions with their tests (prompt + solu
 same number of parallel workers, and the table gives executions per second (median over repeats):
 - `subprocess.run([sys.executable, prog.py])`: the plain baseline, site imports included;
 - the same with the sandbox's own interpreter and flags (`python -I -S`): the strict baseline;
-- `Sandbox.map`: each program alone in a fresh sandbox (bubblewrap, seccomp, rlimits, slot uid);
+- `Sandbox.map`: each program in a fresh process forked by the slot's zygote, inside the slot's
+  sandbox (bubblewrap, seccomp, rlimits, slot uid), which is emptied after each program;
 - `CodeReward`: the full reward, harness and verdict protocol included (two processes per sample).
 Ratios are against the strict baseline; rounds are interleaved so a shared machine's load drifts over
-all rows alike, and CPU ms per run (our reaped children's) is given as a load-independent figure.
+all rows alike, and CPU ms per run is given as a load-independent figure: this process's own CPU (the
+threads that spawn, feed and read) plus its reaped children's plus the sandboxes' zygotes and jobs.
 Math: `rewards.get("math")` on \\boxed answers.
 """
 
@@ -33,21 +35,21 @@ from rewards.code import CodeReward  # noqa: E402
 from rewards.sandbox import Job, Sandbox  # noqa: E402
 
 
-def interleaved(contenders: dict, n: int, repeats: int) -> dict[str, tuple[float, float]]:
+def interleaved(contenders: dict, n: int, repeats: int, cpu) -> dict[str, tuple[float, float]]:
     """name -> (runs/s, CPU ms per run), medians over `repeats` rounds. Each round runs every contender
-    once, in turn, so the load of a shared machine drifts over all of them alike. CPU is our reaped
-    children's (the sandboxes' processes included): a measure the machine's load does not inflate."""
+    once, in turn, so the load of a shared machine drifts over all of them alike. `cpu()` is the CPU
+    seconds used so far by everything involved: a measure the machine's load does not inflate."""
     for fn in contenders.values():
         fn()  # warm-up: page cache, first compile, thread start, warm slots
     walls: dict[str, list[float]] = {k: [] for k in contenders}
     cpus: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
-            c0, t0 = os.times(), time.perf_counter()
+            c0, t0 = cpu(), time.perf_counter()
             fn()
-            c1 = os.times()
+            c1 = cpu()
             walls[name].append(time.perf_counter() - t0)
-            cpus[name].append(c1.children_user + c1.children_system - c0.children_user - c0.children_system)
+            cpus[name].append(c1 - c0)
     return {k: (n / statistics.median(walls[k]), 1000 * statistics.median(cpus[k]) / n) for k in contenders}
 
 
@@ -114,12 +116,16 @@ def main() -> None:
             scores = reward(cols["prompt"], cols["canonical_solution"], **cols)
             assert all(s == 1.0 for s in scores), f"canonical solutions failed: {reward.last_metrics}"
 
+        def cpu() -> float:
+            t = os.times()
+            return t.user + t.system + t.children_user + t.children_system + box.cpu_seconds() + reward.sandbox.cpu_seconds()
+
         results = interleaved({
             "subprocess.run([sys.executable, prog])": lambda: plain([sys.executable], paths, args.workers),
             f"subprocess.run([{box.python}, -I, -S, prog])": lambda: plain([box.python, "-I", "-S"], paths, args.workers),
-            "Sandbox.map (one sandbox per program)": sandboxed,
+            "Sandbox.map (a fresh process per program)": sandboxed,
             "CodeReward (sandbox + harness + verdict)": rewarded,
-        }, n, args.repeats)
+        }, n, args.repeats, cpu)
     strict = list(results.values())[1][0]
     print(f"{n} HumanEval programs, {args.workers} workers, {os.cpu_count()} cores, median of {args.repeats} "
           f"interleaved rounds; load average {os.getloadavg()[0]:.1f}; sandbox python {box.python}, "

@@ -1,5 +1,6 @@
-"""The sandbox's building blocks: bubblewrap arguments, the seccomp filter, the in-sandbox prelude that
-sets rlimits, per-slot cgroups, and the checks that say what is missing. rewards/sandbox.py runs them.
+"""The sandbox's building blocks: bubblewrap arguments, the seccomp filter, the in-sandbox zygote that
+forks each job and sets its rlimits, per-slot cgroups, and the checks that say what is missing.
+rewards/sandbox.py runs them.
 
 Each layer is here because an attack tried on this machine needed it (DESIGN.md section 9):
 - bubblewrap with every namespace unshared: no network (a down loopback only), its own pid namespace
@@ -9,7 +10,7 @@ Each layer is here because an attack tried on this machine needed it (DESIGN.md 
   writable place, /dev holding null, zero and urandom only, --die-with-parent, --new-session;
 - seccomp (`seccomp_bpf`): ptrace, process_vm_*, pidfd_getfd, mount/unshare/setns and the namespace
   flags of clone, kexec, bpf, keyctl, perf, io_uring, modules, TIOCSTI... fail with EPERM;
-- rlimits (`PRELUDE`, before any untrusted byte runs): address space, CPU seconds, file size,
+- rlimits (`ZYGOTE`, before any untrusted byte runs): address space, CPU seconds, file size,
   processes, open files, no core files; and a wall-clock alarm as a backstop;
 - a dedicated uid per slot when we are root (RLIMIT_NPROC does nothing for uid 0), dropped by
   setpriv so the spawn is a vfork (Popen(user=...) forks the whole trainer: 250 ms at 4 GB here);
@@ -40,43 +41,141 @@ class IsolationError(RuntimeError):
     """The sandbox cannot be set up on this machine; the message says what is missing and the fix."""
 
 
-# Runs first inside the sandbox (trusted). It sets the rlimits, imports the sandbox's preload modules
-# (argv[5]), then blocks on stdin for the job: a warm slot sits here, started in advance. The job is
-# `<len> <wall_s> <s|m> <modules>\n<code>`, read byte-exactly (unbuffered, so the rest of stdin stays
-# in the pipe for the code). Then the job's modules are imported (stdlib that the code will import:
-# forked children share them), the CPU limit and the backstop alarm are set, and the code runs, as
-# source or as a code object marshalled by this same interpreter (Sandbox.compile). `_signal`, not
-# `signal`: the latter imports enum, 4 ms.
-PRELUDE = r"""
-import marshal, os, resource as R, sys, _signal
-for r, v in zip((R.RLIMIT_AS, R.RLIMIT_FSIZE, R.RLIMIT_NPROC, R.RLIMIT_NOFILE, R.RLIMIT_CORE),
-                list(map(int, sys.argv[1:5])) + [0]):
-    R.setrlimit(r, (v, v))
+# The zygote: the sandbox's init (pid 1 of its pid namespace), trusted, started once per slot and
+# reused for every job of that slot. It sets nothing on itself but ignores SIGINT (pid 1 then ignores
+# every signal sent from inside the namespace, SIGKILL included), imports the sandbox's preload modules
+# (argv[5]) and waits on its control socket (fd 0, a SOCK_SEQPACKET pair with the trusted parent). A job
+# message is `<modules>` (comma-separated stdlib names, or "-") carrying three descriptors: the job's
+# stdin, stdout and stderr, pipes the parent made for this job alone. The zygote imports the modules
+# (they stay imported for later jobs, shared by every fork), forks the job process and waits for it.
+# The job process takes the three pipes as fds 0-2, closes every other descriptor, sets the rlimits
+# (argv[1:5]; no core files), reseeds `random` if imported, reads `<len> <wall_s> <s|m>\n<code>` from
+# stdin byte-exactly (the rest stays in the pipe for the code), sets the CPU limit and the backstop
+# alarm and runs the code as __main__, then exits the way an interpreter does (SystemExit codes,
+# tracebacks, non-daemon threads joined, atexit, flush). When the job process exits, the zygote kills
+# everything else in the namespace (kill(-1) from pid 1: leftover children, setsid daemons), reaps it
+# all, empties the scratch directory (/tmp, a tmpfs) and restores its mode, and only then reports the
+# job's exit status on the control socket (`<code> ok`): every writer of the job's pipes is dead by
+# then, and the next job finds a namespace with nothing of this one in it. If the scratch directory
+# cannot be emptied (say, nested deeper than the recursion limit) it reports `<code> retire` and
+# exits; the parent starts a fresh sandbox for the slot, as it does when the zygote dies. Argv[6]
+# is the scratch directory, argv[7] "ns" or "unsafe": without a pid namespace kill(-1) would reach the
+# host, so unsafe mode kills the job's process group instead (the job's pid, `p<pid>`, is sent to the
+# parent when it starts, for the same reason). `_socket`, `_signal`: no enum import.
+ZYGOTE = r"""
+import marshal, os, resource as R, sys, _signal, _socket
+_signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+limits = list(map(int, sys.argv[1:5])) + [0]
 [__import__(m) for m in sys.argv[5].split(",") if m]
-def _read(n):
-    b = b""
-    while len(b) < n:
-        c = os.read(0, n - len(b))
-        if not c: os._exit(98)
-        b += c
-    return b
-h = b""
-while not h.endswith(b"\n"): h += _read(1)
-n, wall, kind, mods = h.decode().split()
-code = _read(int(n))
-[__import__(m) for m in mods.split(",") if m != "-"]
-R.setrlimit(R.RLIMIT_CPU, (int(wall), int(wall)))
-_signal.alarm(int(wall) + 1)
-code = marshal.loads(code) if kind == "m" else compile(code, "<sandbox>", "exec")
-del _read, h, n, wall, kind, mods, r, v, R
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+scratch, isolated = sys.argv[6], sys.argv[7] == "ns"
+scratch_mode = os.stat(scratch).st_mode & 0o7777
+ctl = _socket.socket(fileno=os.dup(0))
+nul = os.open("/dev/null", os.O_RDWR)
+os.dup2(nul, 0)
+os.close(nul)
+sys.argv = sys.argv[:1]
+
+def wipe(d):
+    if os.stat(d).st_mode & 0o700 != 0o700:
+        os.chmod(d, 0o700)
+    for e in os.scandir(d):
+        if e.is_dir(follow_symlinks=False):
+            wipe(e.path)
+            os.rmdir(e.path)
+        else:
+            os.unlink(e.path)
+
+def run_job(fds):
+    for i, fd in enumerate(fds):
+        os.dup2(fd, i)
+    os.closerange(3, 1 << 16)
+    if not isolated:
+        os.setsid()
+    for r, v in zip((R.RLIMIT_AS, R.RLIMIT_FSIZE, R.RLIMIT_NPROC, R.RLIMIT_NOFILE, R.RLIMIT_CORE), limits):
+        R.setrlimit(r, (v, v))
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    if "random" in sys.modules:
+        sys.modules["random"].seed()
+    def read(n):
+        b = b""
+        while len(b) < n:
+            c = os.read(0, n - len(b))
+            if not c: os._exit(98)
+            b += c
+        return b
+    h = b""
+    while not h.endswith(b"\n"): h += read(1)
+    n, wall, kind = h.decode().split()
+    code = read(int(n))
+    R.setrlimit(R.RLIMIT_CPU, (int(wall), int(wall)))
+    _signal.alarm(int(wall) + 1)
+    code = marshal.loads(code) if kind == "m" else compile(code, "<sandbox>", "exec")
+    rc = 0
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as e:
+        rc = e.code if e.code is None or isinstance(e.code, int) else (print(e.code, file=sys.stderr), 1)[1]
+    except BaseException:
+        t, v, tb = sys.exc_info()
+        sys.excepthook(t, v.with_traceback(tb.tb_next), tb.tb_next)  # from the code's frame on
+        rc = 1
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        import atexit
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit((rc or 0) & 255)
+
+while True:
+    msg, anc, _, _ = ctl.recvmsg(4096, _socket.CMSG_SPACE(12), _socket.MSG_CMSG_CLOEXEC)
+    if not msg:
+        os._exit(0)
+    fds = [fd for lvl, typ, data in anc if lvl == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS
+           for fd in memoryview(data).cast("i")]
+    if len(fds) != 3:
+        os._exit(97)
+    [__import__(m) for m in msg.decode().split(",") if m.isidentifier()]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ctl.detach()
+            run_job(fds)
+        finally:
+            os._exit(1)
+    for fd in fds:
+        os.close(fd)
+    ctl.send(b"p%d" % pid)
+    status = os.waitpid(pid, 0)[1]
+    if isolated:
+        while True:
+            try: os.kill(-1, 9)
+            except OSError: pass
+            try: os.waitpid(-1, 0)
+            except ChildProcessError: break
+    else:
+        try: os.killpg(pid, 9)
+        except OSError: pass
+    try:
+        wipe(scratch)
+        if os.stat(scratch).st_mode & 0o7777 != scratch_mode:
+            os.chmod(scratch, scratch_mode)
+        clean = not os.listdir(scratch)
+    except (OSError, RecursionError):
+        clean = False
+    ctl.send(b"%d %s" % (os.waitstatus_to_exitcode(status), b"ok" if clean else b"retire"))
+    if not clean:
+        os._exit(96)
 """
 
 BLOCKED_SYSCALLS = """ptrace process_vm_readv process_vm_writev pidfd_getfd kcmp unshare setns mount umount2
 pivot_root chroot move_mount open_tree fsopen fsmount fsconfig fspick mount_setattr kexec_load
 kexec_file_load bpf keyctl add_key request_key personality perf_event_open init_module finit_module
 delete_module reboot swapon swapoff acct quotactl syslog userfaultfd io_uring_setup io_uring_enter
-io_uring_register open_by_handle_at name_to_handle_at settimeofday clock_settime clock_adjtime adjtimex
+io_uring_register shmget semget msgget mq_open open_by_handle_at name_to_handle_at settimeofday clock_settime clock_adjtime adjtimex
 sethostname setdomainname iopl ioperm vhangup fanotify_init lookup_dcookie uselib""".split()
 CLONE_NEW = (0x20000, 0x2000000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000)  # NS CGROUP UTS IPC USER PID NET
 TIOCSTI = 0x5412

@@ -4,19 +4,24 @@
     [res] = box.map([Job(code="print(input())", stdin=b"hi\\n")])
     res.stdout, res.exit_code, res.timed_out, res.killed_reason    # b'hi\\n', 0, False, None
 
-Each job runs in a fresh bubblewrap sandbox (layers: rewards/isolation.py). Jobs run in parallel,
-one per slot; each slot has its own uid when we are root, and keeps its next sandbox started in
-advance (a "warm" sandbox: namespaces set up, interpreter started, rlimits set, blocked on stdin),
-so the launch latency overlaps the previous job. The wall clock of a job starts when its code is
-handed over. The trusted parent (this process) kills at the wall-clock deadline and at the output
-cap, reading the pipes incrementally; killing bwrap takes the whole pid namespace down.
+Jobs run in parallel, one per slot. Each slot has its own uid when we are root, and its own
+bubblewrap sandbox (layers: rewards/isolation.py) whose init is a trusted zygote: started once,
+it forks a fresh process for each job, and after the job kills everything left in the namespace,
+empties /tmp and reports the exit status (isolation.ZYGOTE). So a job pays a fork, not a sandbox
+and interpreter start-up, and no job sees anything of the one before. The job's stdin, stdout and
+stderr are pipes made for it alone, handed to the zygote over a socket. The wall clock of a job
+starts when it is handed over. The trusted parent (this process) kills at the wall-clock deadline
+and at the output cap, reading the pipes incrementally: it kills the sandbox's init, which takes
+the whole pid namespace down, and starts the slot's next sandbox in the background.
 
 If isolation cannot be set up, `Sandbox()` raises IsolationError naming what is missing and the fix.
-`unsafe=True` runs the same prelude in plain subprocesses (rlimits, cleared environment, own session,
-a scratch working directory) and logs a warning on every run.
+`unsafe=True` runs the same zygote as a plain subprocess (rlimits, cleared environment, each job in
+its own session, a scratch working directory emptied after each job; a job's setsid daemons escape)
+and logs a warning on every run.
 """
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ import select
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,10 +38,11 @@ import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from queue import SimpleQueue
-from subprocess import PIPE
+from subprocess import DEVNULL, PIPE
 
-from rewards.isolation import (PRELUDE, UID_BASE, UNSAFE_HINT, FIX_USERNS, IsolationError, SlotCgroup,
+from rewards.isolation import (ZYGOTE, UID_BASE, UNSAFE_HINT, FIX_USERNS, IsolationError, SlotCgroup,
                                bwrap_args, find_bwrap, pick_python, seccomp_bpf)
 
 log = logging.getLogger(__name__)
@@ -72,7 +79,11 @@ class Sandbox:
         self.python = python or (sys.executable if unsafe else pick_python(self.as_root))
         self.uid_base, self.max_procs = uid_base, max_procs
         limits = (memory_mb << 20, max_file_mb << 20, max_procs, max_open_files)
-        self._argv = [self.python, "-I", "-S", "-B", "-c", PRELUDE, *map(str, limits), ",".join(preload)]
+        if unsafe:
+            self._scratch = tempfile.TemporaryDirectory(prefix="sandbox-unsafe-")
+        where = self._scratch.name if unsafe else "/tmp"
+        self._argv = [self.python, "-I", "-S", "-B", "-c", ZYGOTE, *map(str, limits), ",".join(preload), where,
+                      "unsafe" if unsafe else "ns"]
         self._slots: SimpleQueue[int] = SimpleQueue()
         for i in range(self.workers):
             self._slots.put(i)
@@ -83,7 +94,6 @@ class Sandbox:
         self._lock, self._closed = threading.Lock(), False
         weakref.finalize(self, _kill_warm, self._warm)
         if unsafe:
-            self._scratch = tempfile.TemporaryDirectory(prefix="sandbox-unsafe-")
             return
         self.bwrap, self._bpf = find_bwrap(bwrap), seccomp_bpf()
         self._bwrap_args = bwrap_args(self.python, tmpfs_mb)
@@ -91,7 +101,7 @@ class Sandbox:
         if self.as_root and not self._setpriv:
             log.warning("sandbox: setpriv (util-linux) not found: each launch forks this whole process to "
                         "switch uid, which is slow for a large trainer")
-        # Harness and candidate (each under RLIMIT_AS), the tmpfs pages and the warm sandbox, in one budget.
+        # Harness and candidate (each under RLIMIT_AS), the tmpfs pages and the zygote, in one budget.
         mem = (2 * memory_mb + tmpfs_mb + 96) << 20
         self._cgroups = [SlotCgroup.create(f"slot{i}", max_procs + 16, mem) if self.as_root else None
                          for i in range(self.workers)]
@@ -122,6 +132,20 @@ class Sandbox:
                         "(rlimits only)", len(jobs))
         return list(self._runners.map(lambda job: self._run_in_slot(job, deadline), jobs))
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the idle slots' zygotes and the jobs they have finished (from /proc;
+        for benchmarks: a job's processes are children of its zygote, not of this process)."""
+        total = 0.0
+        with self._lock:
+            lives = [f.result() for f in self._warm.values() if f.done()]
+        for live in lives:
+            try:
+                fields = Path(f"/proc/{live.zygote_pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += sum(map(int, fields[11:15])) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+            except (OSError, AttributeError, ValueError, IndexError):
+                pass
+        return total
+
     def close(self) -> None:
         """Stop the warm sandboxes and the threads; idempotent."""
         with self._lock:
@@ -143,10 +167,8 @@ class Sandbox:
                     return SandboxResult(b"", b"", None, 0.0, False, "deadline")
             with self._lock:
                 warm = self._warm.pop(slot, None)
-                if not self._closed:  # start the slot's next sandbox now, while this job runs
-                    self._warm[slot] = self._spawners.submit(self._spawn, slot)
             live = warm.result() if warm else self._spawn(slot)
-            if isinstance(live, _Live) and live.proc.poll() is not None:  # died while waiting
+            if isinstance(live, _Live) and not live.alive():  # died while idle: start another
                 live.close()
                 live = self._spawn(slot)
             if isinstance(live, SandboxResult):
@@ -154,8 +176,15 @@ class Sandbox:
             code = job.code.encode() if isinstance(job.code, str) else job.code
             kind = "s" if isinstance(job.code, str) else "m"
             mods = ",".join(m for m in job.preload if m.isidentifier()) or "-"
-            payload = f"{len(code)} {int(wall) + 1} {kind} {mods}\n".encode() + code + job.stdin
-            res = self._communicate(live, payload, time.monotonic(), wall, job.max_output or self.max_output_bytes)
+            payload = f"{len(code)} {int(wall) + 1} {kind}\n".encode() + code + job.stdin
+            res = self._communicate(live, mods, payload, wall, job.max_output or self.max_output_bytes)
+            with self._lock:  # keep a healthy sandbox; otherwise start the next one now, in the background
+                if self._closed or res.killed_reason or not live.alive():
+                    live.close()
+                    if not self._closed:
+                        self._warm[slot] = self._spawners.submit(self._spawn, slot)
+                else:
+                    self._warm[slot] = _ready(live)
             if cut and res.timed_out:  # stopped by the caller's deadline, not its own time limit
                 res.timed_out, res.killed_reason = False, "deadline"
             return res
@@ -163,15 +192,18 @@ class Sandbox:
             self._slots.put(slot)
 
     def _spawn(self, slot: int) -> _Live | SandboxResult:
-        """Start a sandbox up to the point where it waits for its job on stdin."""
+        """Start a sandbox: bwrap, and inside it the zygote, which then waits for jobs on its socket."""
         t0 = time.monotonic()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if self.unsafe:
-            return _Live(subprocess.Popen(self._argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, cwd=self._scratch.name,
-                                          env={"PATH": "/usr/bin:/bin"}, start_new_session=True), None)
+            with theirs:
+                proc = subprocess.Popen(self._argv, stdin=theirs, stdout=DEVNULL, stderr=PIPE, cwd=self._scratch.name,
+                                        env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
+            return _Live(proc, None, ours, proc.pid)
         seccomp_r, w = os.pipe()
         os.write(w, self._bpf)  # a few hundred bytes: fits in the pipe buffer
         os.close(w)
-        info_r, info_w = os.pipe()    # bwrap writes {"child-pid": N} here: the namespace's init (our prelude)
+        info_r, info_w = os.pipe()    # bwrap writes {"child-pid": N} here: the namespace's init (the zygote)
         block_r, block_w = os.pipe()  # and waits for a byte here before it starts it
         sync = ["--info-fd", str(info_w), "--block-fd", str(block_r)]
         argv = [self.bwrap, *self._bwrap_args, "--seccomp", str(seccomp_r), *sync, "--", *self._argv]
@@ -183,20 +215,23 @@ class Sandbox:
             else:
                 ids = dict(user=uid, group=uid, extra_groups=[])
         try:
-            proc = subprocess.Popen(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, env={}, cwd="/",
+            proc = subprocess.Popen(argv, stdin=theirs, stdout=DEVNULL, stderr=PIPE, env={}, cwd="/",
                                     pass_fds=(seccomp_r, info_w, block_r), **ids)
         except OSError as e:
+            ours.close()
             return SandboxResult(b"", str(e).encode(), None, time.monotonic() - t0, False, "sandbox_error")
         finally:
             for fd in (seccomp_r, info_w, block_r):
                 os.close(fd)
-        init = None
+            theirs.close()
+        init = init_pid = None
         try:
             # The init is blocked until we write to block_w, so its pid cannot have been reused yet: a
             # pidfd on it is safe, and killing it (not bwrap) lets bwrap reap it, leaving no zombie for
             # the machine's init to collect (this one's init is slow to: they piled up to pids.max).
             pid = _read_info_pid(info_r, t0 + 30.0)
             init = os.pidfd_open(pid) if pid else None
+            init_pid = pid
             if self._cgroups[slot] and pid:  # before it starts: every descendant inherits the cgroup
                 self._cgroups[slot].attach(pid)
         except OSError:
@@ -204,47 +239,86 @@ class Sandbox:
         finally:
             os.close(info_r)
             os.close(block_w)
-        return _Live(proc, init)
+        return _Live(proc, init, ours, init_pid)
 
-    def _communicate(self, live: _Live, payload: bytes, t0: float, wall: float, cap: int) -> SandboxResult:
-        """Feed stdin, read stdout/stderr incrementally up to the cap, kill at the deadline or the cap.
-        A pidfd says when the process exits (Popen.wait(timeout) polls with sleeps of up to 50 ms)."""
-        deadline, proc = t0 + wall, live.proc
-        fin, fout, ferr = proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
-        out = {fout: bytearray(), ferr: bytearray()}
-        pidfd = os.pidfd_open(proc.pid)
-        sel = selectors.DefaultSelector()
-        for fd in (fin, fout, ferr, pidfd):
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_WRITE if fd == fin else selectors.EVENT_READ)
-        view, reason, exited = memoryview(payload), None, False
+    def _communicate(self, live: _Live, mods: str, payload: bytes, wall: float, cap: int) -> SandboxResult:
+        """Hand the job to the zygote with pipes of its own; feed stdin, read stdout/stderr incrementally
+        up to the cap, kill at the deadline or the cap. The zygote's status message comes after every
+        process of the job is dead, so the pipes then hold all there is."""
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        t0 = time.monotonic()
+        deadline = t0 + wall
+        out = {out_r: bytearray(), err_r: bytearray()}
         try:
-            while reason is None and not exited:
+            live.ctl.sendmsg([mods.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                array.array("i", [in_r, out_w, err_w]))])
+        except OSError as e:  # the zygote is gone: the sandbox is broken, not the job
+            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            why = live.stderr_tail()
+            live.close()
+            return SandboxResult(b"", f"sandbox died ({e}): ".encode() + why, None, 0.0, False, "sandbox_error")
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        sel = selectors.DefaultSelector()
+        for fd in (in_w, out_r, err_r, live.ctl.fileno()):
+            if fd != live.ctl.fileno():
+                os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_WRITE if fd == in_w else selectors.EVENT_READ)
+        view, reason, status = memoryview(payload), None, None
+        if not view:
+            sel.unregister(in_w)
+            os.close(in_w)
+            in_w = -1
+        try:
+            while reason is None and status is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     reason = "timeout"
                     break
                 for key, _ in sel.select(left):
-                    if key.fd == pidfd:
-                        exited = True  # drained below: what it wrote before exiting is in the pipes
-                    elif key.fd == fin:
+                    if key.fd == live.ctl.fileno():
                         try:
-                            view = view[os.write(fin, view[:1 << 16]):]
+                            msg = live.ctl.recv(64)
+                        except OSError:
+                            msg = b""  # b"" (or a reset): the zygote died
+                        if msg.startswith(b"p"):  # the job's pid (in its namespace), then its status
+                            live.job_pid = int(msg[1:])
+                            continue
+                        status = msg
+                        break
+                    if key.fd == in_w:
+                        try:
+                            view = view[os.write(in_w, view[:1 << 16]):]
                         except BrokenPipeError:  # the code stopped reading: its business
                             view = view[:0]
                         if not view:
-                            sel.unregister(fin)
-                            proc.stdin.close()
+                            sel.unregister(in_w)
+                            os.close(in_w)
+                            in_w = -1
                     elif not _read(key.fd, out[key.fd], cap, sel, drain=False):
                         reason = "output_cap"
                         break
-            if exited and reason is None and not all(_read(fd, out[fd], cap, sel, drain=True) for fd in (fout, ferr)):
-                reason = "output_cap"
+            if status is not None and reason is None:
+                if not all(_read(fd, out[fd], cap, sel, drain=True) for fd in (out_r, err_r)):
+                    reason = "output_cap"
+                if not status:
+                    reason = "sandbox_error"
         finally:
             sel.close()
-            os.close(pidfd)
+            for fd in (in_w, out_r, err_r):
+                if fd >= 0:
+                    os.close(fd)
+            if reason == "sandbox_error":
+                out[err_r] += b"\nsandbox: the zygote died: " + live.stderr_tail()
+            if reason is not None:
+                live.close()  # a job still running (or a broken sandbox): the namespace goes down with its init
+        exit_code = int(status.split()[0]) if status and reason is None else None
+        if status and status.endswith(b" retire"):  # the job left what the zygote could not clean
             live.close()
-        return SandboxResult(bytes(out[fout]), bytes(out[ferr]), proc.returncode, time.monotonic() - t0,
+        return SandboxResult(bytes(out[out_r]), bytes(out[err_r]), exit_code, time.monotonic() - t0,
                              reason == "timeout", reason)
 
 
@@ -282,14 +356,31 @@ def _read_info_pid(fd: int, deadline: float) -> int | None:
 
 
 class _Live:
-    """A started sandbox: bwrap (or, unsafe, the interpreter) and a pidfd on the namespace's init."""
+    """A started sandbox: bwrap (or, unsafe, the zygote itself), a pidfd on the namespace's init (the
+    zygote), and our end of its control socket."""
 
-    def __init__(self, proc: subprocess.Popen, init: int | None):
-        self.proc, self.init = proc, init
+    def __init__(self, proc: subprocess.Popen, init: int | None, ctl: socket.socket, zygote_pid: int | None):
+        self.proc, self.init, self.ctl, self.zygote_pid = proc, init, ctl, zygote_pid
+        self.job_pid: int | None = None  # the running job's pid; used in unsafe mode only
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_tail(self) -> bytes:
+        """What bwrap or the zygote said before dying (they write nothing otherwise)."""
+        try:
+            self.proc.wait(2.0)  # it is dying: let it finish saying why
+        except subprocess.TimeoutExpired:
+            return b""
+        try:
+            return self.proc.stderr.read()[-2000:]
+        except (OSError, ValueError):
+            return b""
 
     def close(self) -> None:
         """Kill what still runs and reap it. Killing the init takes the whole pid namespace down;
-        bwrap then reaps it and exits. Unsafe mode has no namespace: kill the process group."""
+        bwrap then reaps it and exits. Unsafe mode has no namespace: kill the zygote's process group
+        (a running job is in a session of its own: its process group too)."""
         if self.proc.poll() is None:
             if self.init is not None:
                 try:
@@ -298,18 +389,26 @@ class _Live:
                 except (OSError, subprocess.TimeoutExpired):
                     pass
             else:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                for group in (self.job_pid, self.proc.pid):
+                    try:
+                        os.killpg(group, signal.SIGKILL) if group else None
+                    except (ProcessLookupError, PermissionError):
+                        pass
             if self.proc.poll() is None:
                 self.proc.kill()
         self.proc.wait()
         if self.init is not None:
             os.close(self.init)
             self.init = None
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            f.close()
+        self.ctl.close()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def _ready(live: _Live) -> Future:
+    fut: Future = Future()
+    fut.set_result(live)
+    return fut
 
 
 def _kill_warm(warm: dict[int, Future]) -> None:

@@ -29,7 +29,7 @@ CAP = 64 << 10
 ADD = {"prompt": 'def add(a, b):\n    """Return a + b."""\n',
        "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-5, 5) == 0\n",
        "entry_point": "add"}
-PRELUDE_MARK = "import marshal, os, resource as R"
+ZYGOTE_MARK = "import marshal, os, resource as R"
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def our_processes(include_warm: bool = False) -> list[str]:
             continue
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         uid, ppid = int(fields["Uid"].split()[0]), int(fields["PPid"])
-        if uid >= UID_BASE or PRELUDE_MARK in cmd or "bwrap" in cmd.split(" ")[0]:
+        if uid >= UID_BASE or ZYGOTE_MARK in cmd or "bwrap" in cmd.split(" ")[0]:
             procs[int(pid)] = (ppid, f"{pid} ppid={ppid} uid={uid} {fields['State']} {cmd[:80]}")
     warm = {pid for pid, (ppid, _) in procs.items() if ppid == os.getpid()} if not include_warm else set()
     warm |= {pid for pid, (ppid, _) in procs.items() if ppid in warm}
@@ -259,16 +259,105 @@ for target in (os.getppid(), 1, -1, 0, {os.getpid()}):
 print("still here")
 """
     res = box.run(code)
-    assert res.exit_code is not None  # the sandbox reported back, and we are still here to read it
-    # Inside the code reward the candidate's parent is the harness, pid 1 of the namespace, which the
-    # kernel protects from its own namespace: the verdict machinery survives and stays right.
+    # getppid() and 1 are the zygote, pid 1 of the namespace, which the kernel protects from its own
+    # namespace; -1 reaches nothing else; 0, its own process group, kills the code itself.
+    assert res.stdout == b"", res.stdout  # dead at kill(0) before its (block-buffered) prints were flushed
+    assert res.exit_code == -9 and res.killed_reason is None  # the zygote survived to report it
+    assert box.run("print('next')").stdout == b"next\n"  # and the slot still serves jobs
+    # Inside the code reward the candidate can kill its harness (same uid, no pid-1 protection): the
+    # report then stops short, and the sample fails closed, whatever the function returns.
     kill = (f"    import os, signal\n"
             f"    for t in (os.getppid(), 1, -1, {os.getpid()}):\n"
             f"        try:\n            os.kill(t, signal.SIGKILL)\n        except OSError:\n            pass\n")
-    assert score(reward, kill + "    return a + b\n") == 1.0
+    assert score(reward, kill + "    return a + b\n") == 0.0
     assert score(reward, kill + "    return a * b\n") == 0.0
     assert score(reward, "    import os\n    os.killpg(0, 9)\n    return a + b\n") == 0.0  # kills itself
     assert reward.last_metrics["errors"] == 0
+    assert score(reward, "    return a + b\n") == 1.0  # the same sandboxes go on giving right verdicts
+
+
+# --- one sandbox, many jobs: nothing of a job reaches the next --------------------------------------
+
+@pytest.fixture(scope="module")
+def one_slot():
+    """One slot: every job runs in the same sandbox, one after the other, under the same zygote."""
+    b = Sandbox(timeout_s=WALL_S, memory_mb=256, max_output_bytes=CAP, workers=1, uid_base=UID_BASE + 2000)
+    yield b
+    b.close()
+
+
+def test_files_left_in_tmp_are_gone_for_the_next_job(one_slot):
+    plant = """
+import os
+os.makedirs("/tmp/a/b/c")
+open("/tmp/a/b/c/f", "w").write("x")
+open("/tmp/top", "w").write("x")
+os.symlink("/usr", "/tmp/link")
+os.chmod("/tmp/a/b", 0o000)
+os.chmod("/tmp", 0o500)
+print(sorted(os.listdir("/tmp")))
+"""
+    assert one_slot.run(plant).stdout == b"['a', 'link', 'top']\n"
+    res = one_slot.run("import os; print(os.listdir('/tmp')); open('/tmp/new', 'w').write('ok'); print('writable')")
+    assert res.stdout == b"[]\nwritable\n", res
+    assert os.path.isdir("/usr/bin")  # the symlink's target was not followed by the clean-up
+
+
+def test_a_scratch_directory_too_deep_to_clean_retires_the_sandbox(one_slot):
+    deep = "import os\nos.chdir('/tmp')\nfor _ in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')"
+    res = one_slot.run(deep)
+    assert res.stdout == b"deep\n" and res.exit_code == 0  # the job's own result stands
+    res = one_slot.run("import os; print(os.getpid(), os.listdir('/tmp'))")
+    assert res.stdout == b"2 []\n"  # the next job runs in a new sandbox (its first job is pid 2)
+
+
+def test_processes_left_behind_are_gone_for_the_next_job(one_slot):
+    leave = """
+import os, time
+for _ in range(3):
+    if os.fork() == 0:
+        os.setsid()
+        time.sleep(60)
+print("left 3")
+"""
+    assert one_slot.run(leave).stdout == b"left 3\n"
+    # kill(-1, 0) reaches every process we may signal but the namespace's init and ourselves.
+    probe = "import os\ntry:\n    os.kill(-1, 0)\n    print('others')\nexcept ProcessLookupError:\n    print('alone')"
+    assert one_slot.run(probe).stdout == b"alone\n"
+
+
+def test_sysv_shared_memory_is_refused(one_slot):
+    # It would outlive the job in the sandbox's IPC namespace: the next job could read it.
+    code = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.shmget(0, 4096, 0o1600), os.strerror(ctypes.get_errno()))"
+    assert one_slot.run(code).stdout == b"-1 Operation not permitted\n"
+
+
+def test_sigint_to_the_init_does_not_end_the_sandbox(one_slot):
+    res = one_slot.run("import os, signal\nos.kill(1, signal.SIGINT)\nos.kill(os.getppid(), signal.SIGTERM)\nprint('sent')")
+    assert res.stdout == b"sent\n" and res.exit_code == 0
+    assert one_slot.run("print('alive')").stdout == b"alive\n"
+
+
+def test_each_job_exits_like_a_fresh_interpreter(one_slot):
+    threads = ("import atexit, threading, time\natexit.register(lambda: print('atexit'))\n"
+               "threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\nprint('main')")
+    res = one_slot.run(threads)
+    assert res.stdout == b"main\nthread\natexit\n" and res.exit_code == 0
+    res = one_slot.run("import sys; sys.exit('bad input')")
+    assert res.exit_code == 1 and res.stderr == b"bad input\n"
+    res = one_slot.run("def f():\n    raise KeyError('k')\nf()")
+    assert res.exit_code == 1 and res.stderr.startswith(b"Traceback") and b"KeyError: 'k'" in res.stderr
+    assert b"run_job" not in res.stderr  # the zygote's own frame is not shown
+    draws = [one_slot.run("import random; print(random.random())", ).stdout for _ in range(2)]
+    assert draws[0] != draws[1]  # `random` reseeded per job, even when the zygote has it imported
+    res = one_slot.map([Job("import random; print(random.random())", preload=("random",))] * 2)
+    assert res[0].stdout != res[1].stdout
+
+
+def test_a_killed_job_gets_a_fresh_sandbox(one_slot):
+    assert one_slot.run("while True: pass", wall_s=0.5).killed_reason == "timeout"
+    res = one_slot.run("import os; print(os.getpid(), os.listdir('/tmp'))")
+    assert res.exit_code == 0 and res.stdout == b"2 []\n"  # the first job of a new zygote: pid 2
 
 
 # --- resources ------------------------------------------------------------------------------------
@@ -416,6 +505,10 @@ def test_unsafe_mode_warns_on_every_run(caplog):
             assert score(r, "    return a - b\n") == 0.0
         warnings = [rec for rec in caplog.records if "UNSAFE" in rec.getMessage()]
         assert len(warnings) == 2
+        box = r.sandbox  # unsafe mode reuses its zygote too; a timed-out job takes it down
+        assert box.run("while True: pass", wall_s=0.5).killed_reason == "timeout"
+        assert box.run("import os; open('f', 'w'); print(os.listdir('.'))").stdout == b"['f']\n"
+        assert box.run("import os; print(os.listdir('.'))").stdout == b"[]\n"  # its scratch emptied
     finally:
         r.close()
 
