@@ -12,8 +12,8 @@ Arguments are `recipe=NAME` (recipes/NAME.yaml, or a path to a .yaml file) and d
 Mistakes in them print one `error: ...` line per problem (no traceback) and exit with status 2.
 
 The resolved config is printed once and saved to <run_dir>/<name>/resolved_config.yaml; each
-stage writes <run_dir>/<name>/<stage>/. The training stages land in later issues: until then each
-one says it is not implemented and the run goes on (nothing is faked).
+stage writes <run_dir>/<name>/<stage>/ and, with resume=true, continues from its newest checkpoint.
+Stages not implemented yet (warm, policy) say so and the run goes on (nothing is faked).
 """
 
 from __future__ import annotations
@@ -86,6 +86,19 @@ def not_implemented(name: str):
     return run
 
 
+def distill(cfg: Config, models: dict, tok) -> None:
+    """SFT on the teacher's distribution (posttrain/distill.py); the next stages get the trained student."""
+    from posttrain.distill import run_distill
+
+    if "teacher" not in models:
+        raise UserError("stage 'distill' needs model.teacher")
+    run_distill(cfg, models["student"], models["teacher"], tok)
+    final = cfg.out_dir / "distill" / "final"
+    models["student"] = load_model(final, dtype=getattr(torch, cfg.model.student.dtype))
+    del models["teacher"]  # frees its memory for the next stages
+    log(f"student <- {final}")
+
+
 def export(cfg: Config, models: dict, tok) -> None:
     """The student as an HF directory (config.json, safetensors, tokenizer) transformers loads."""
     out = Path(cfg.export.dir) if cfg.export.dir else cfg.out_dir / "export"
@@ -96,7 +109,7 @@ def export(cfg: Config, models: dict, tok) -> None:
 
 # Each stage takes (cfg, models, tokenizer) and writes <run_dir>/<name>/<stage>/.
 STAGES = {
-    "distill": not_implemented("distill"),  # posttrain/distill.py
+    "distill": distill,  # posttrain/distill.py
     "warm": not_implemented("warm"),  # posttrain/warm.py
     "policy": not_implemented("policy"),  # posttrain/bond.py, posttrain/warp.py
     "export": export,
@@ -132,7 +145,10 @@ def run(argv: list[str]) -> int:
         log("\n" + plan(cfg).format())
         return 0
 
-    # 3. models and tokenizer
+    # 3. process group (torchrun's, or a world of one), models and tokenizer
+    from posttrain.engine import init_distributed
+
+    init_distributed()
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from posttrain.tokenizer import load_tokenizer

@@ -2,12 +2,13 @@
 
     >>> rows = generate(3, seed=0)
     >>> sorted(rows[0])
-    ['answer', 'kind', 'prompt', 'solution']
+    ['answer', 'kind', 'prompt', 'response', 'solution']
     >>> rows == generate(3, seed=0)
     True
 
 Each row: `prompt` (the bare problem), `answer` (the integer as text, the math reward's
-`answer` column), `solution` (a worked line ending in the fixed answer format, `Answer: 72`)
+`answer` column), `solution` (a worked line ending in the fixed answer format, `Answer: 72`),
+`response` (the same solution: rows are prompt/response pairs a distillation or SFT stage reads)
 and `kind`. The mix is chosen so the 270M base model is neither at 0 % nor at 100 %. Measured
 on the embedded Gemma 3 270M, greedy, prompted with the demo recipe's three worked examples
 (its teacher context): two-digit addition 12 %, two-digit subtraction 8 %, one-digit times
@@ -125,7 +126,9 @@ def generate(n: int, seed: int = 0, split: Split = "train") -> list[dict]:
         if prompt in seen or split_of(prompt) != split:
             continue
         seen.add(prompt)
-        rows.append({"prompt": prompt, "answer": str(answer), "solution": f"{steps} Answer: {answer}", "kind": kind})
+        solution = f"{steps} Answer: {answer}"
+        rows.append({"prompt": prompt, "answer": str(answer), "solution": solution, "response": solution,
+                     "kind": kind})
     if len(rows) < n:
         raise ValueError(f"only {len(rows)} distinct {split} problems found for n={n}")
     return rows

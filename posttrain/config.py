@@ -140,6 +140,10 @@ class DataSection(Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
     loss_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the vocabulary-sized "
                                    "losses; B x T x V logits are never materialised")
+    packing: bool = Field(True, description="pack short examples into rows of max_seq_len (attention stays "
+                          "within each example); false = one example per row, padded to the batch's longest")
+    truncation: Literal["drop", "truncate"] = Field("drop", description="examples longer than max_seq_len: "
+                                                    "drop them, or keep their first max_seq_len tokens")
 
 
 class DistillSection(Section):
@@ -158,6 +162,10 @@ class DistillSection(Section):
     temperature: float = Field(1.0, gt=0, description="teacher sampling temperature for the targets")
     cache_targets: bool = Field(False, description="precompute teacher targets to disk (ids int32 + probs "
                                 "fp16) and stream them, so teacher and student never share memory")
+    max_new_tokens: int = Field(64, ge=1, description="method=on_policy: length cap of the student's samples")
+    eval_every: int = Field(50, ge=0, description="steps between held-out evaluations (teacher-student KL, "
+                            "top-1 agreement on data.eval); 0 = only before and after")
+    eval_batches: int = Field(8, ge=1, description="held-out batches per evaluation (per rank)")
 
 
 class WarmSection(Section):
@@ -235,6 +243,12 @@ class TrackingSection(Section):
     log_every: int = Field(10, ge=1, description="steps between metric logs")
 
 
+class CheckpointSection(Section):
+    every: int = Field(100, ge=0, description="optimizer steps between step checkpoints (0 = only at the end "
+                       "of a stage); SIGTERM also writes one")
+    keep: int = Field(2, ge=1, description="step checkpoints kept per stage (the newest)")
+
+
 class Config(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = Field(
         "posttrain", description="run name; outputs go to <run_dir>/<name>/ (default: the recipe's name)")
@@ -254,6 +268,8 @@ class Config(Section):
     rewards: list[RewardSpec] = Field(default_factory=list, description="weighted rewards of the policy "
                                       "stage: a list of {name, weight, timeout_s, options}")
     export: ExportSection = Field(default_factory=ExportSection, description="stage: HF export")
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="step checkpoints "
+                                          "of the training stages (resume=true continues from the newest)")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="experiment tracking")
 
     @model_validator(mode="after")

@@ -1,0 +1,336 @@
+"""Stage `distill`: the student learns the teacher's next-token distribution (Gemma 3 report, section 2.2).
+
+    summary = run_distill(cfg, student, teacher, tok)   # writes <run_dir>/<name>/distill/
+
+Methods (`distill.method`):
+- sampled (the report's): per token, `num_samples` ids drawn from the teacher's distribution, the
+  target zero elsewhere and renormalised over them; student cross-entropy with its log-probs
+  normalised over the full vocabulary (losses.chunked_sampled_distillation);
+- topk: forward KL on the teacher's `top_k` ids (losses.chunked_topk_kl);
+- on_policy: the student samples replies to the prompts with our sampler, the teacher scores them,
+  and the student learns the sampled targets on its own samples.
+Loss only on model turns. The teacher sees `distill.teacher_context` before each prompt (context
+distillation) when it is set; the reply tokens, and so the positions trained, are the same for both.
+Targets come from the teacher loaded beside the student, or (`cache_targets`) from shards the teacher
+wrote once (targets.py), which the student streams. Every draw uses a generator seeded by (seed,
+step, micro-batch, rank) or (seed, example), so a resumed run draws the same targets.
+
+Logged: loss, lr, grad_norm, tokens/s, step time, peak memory, and on the held-out set (`data.eval`,
+every `distill.eval_every` steps, before and after) the full-vocabulary KL(teacher || student) and
+top-1 agreement. The final student is saved as an HF directory, <stage dir>/final.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data import Example, load_rows, to_messages, validate_rows
+from .engine import Engine, Frozen, all_sum, rank, world_size, write_json_atomic
+from .errors import UserError
+from .loader import Batch, DataLoader, collate
+from .losses import chunked_sampled_distillation, chunked_topk_kl, distill_metrics, teacher_targets
+from .model import Gemma3
+from .sampler import Sampler
+from .targets import TargetCache
+from .tracking import Tracker, progress
+
+
+# ----------------------------------------------------------------------------- data
+
+def teacher_messages(row: dict, context: str | None, with_reply: bool = True) -> list[dict]:
+    """The row as the teacher sees it: `context` before the first user turn ("{prompt}" in the context
+    marks where the prompt goes; otherwise it is appended after a blank line)."""
+    msgs = [dict(m) for m in to_messages(row, with_reply)]
+    if context:
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+        prompt = msgs[first]["content"]
+        msgs[first]["content"] = (context.replace("{prompt}", prompt) if "{prompt}" in context
+                                  else context.rstrip("\n") + "\n\n" + prompt)
+    return msgs
+
+
+def read_context(value: str | None) -> str | None:
+    if value and value.endswith(".txt") and "\n" not in value:
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"distill.teacher_context: file {value} not found; fix: give the text itself or an "
+                            "existing .txt path")
+        return path.read_text()
+    return value
+
+
+def paired_examples(rows: list[dict], tok, max_seq_len: int, context: str | None, truncation: str = "drop",
+                    with_reply: bool = True) -> tuple[list[Example], list[Example]]:
+    """Student and teacher examples of the same rows. Both have the same reply tokens at their end,
+    so their loss positions pair up in order. A row whose student side is too long is dropped (or
+    both sides are cut by the same number of tokens, `truncation="truncate"`)."""
+    validate_rows(rows, require_reply=with_reply)
+    students, teachers, dropped = [], [], 0
+    for row in rows:
+        s = tok.apply_chat_template(to_messages(row, with_reply), add_generation_prompt=not with_reply)
+        t = tok.apply_chat_template(teacher_messages(row, context, with_reply), add_generation_prompt=not with_reply)
+        s_ids, s_mask, t_ids, t_mask = list(s.ids), list(s.loss_mask), list(t.ids), list(t.loss_mask)
+        if len(s_ids) > max_seq_len:
+            cut = len(s_ids) - max_seq_len
+            if truncation == "drop" or (with_reply and not any(s_mask[:max_seq_len])):
+                dropped += 1
+                continue
+            s_ids, s_mask, t_ids, t_mask = s_ids[:-cut], s_mask[:-cut], t_ids[:-cut], t_mask[:-cut]
+        assert sum(s_mask) == sum(t_mask), "student and teacher replies differ in length"
+        students.append(Example(s_ids, s_mask))
+        teachers.append(Example(t_ids, t_mask))
+    if not students:
+        raise UserError(f"all {len(rows)} rows are longer than data.max_seq_len={max_seq_len} tokens; fix: raise "
+                        "data.max_seq_len, or set data.truncation=truncate")
+    if dropped and rank() == 0:
+        print(f"distill: dropped {dropped} of {len(rows)} rows longer than data.max_seq_len={max_seq_len}")
+    return students, teachers
+
+
+def load_split(source: str, key: str) -> list[dict]:
+    import data as bundled  # the repository's data/ package: bundled generators by name
+
+    try:
+        return load_rows(source, registry=bundled.BUNDLED)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- targets
+
+def _generator(*key: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(hash(key) & ((1 << 62) - 1))  # ints hash to themselves: stable across runs
+    return g
+
+
+def targets_for(teacher: Frozen, batch: Batch, cfg: Config, generator: torch.Generator):
+    """Teacher targets (n, k) at the batch's loss positions, in their order (row-major)."""
+    d = cfg.distill
+    method = "topk" if d.method == "topk" else "sample"
+    k = d.top_k if d.method == "topk" else d.num_samples
+    kwargs = {} if method == "topk" else {"temperature": d.temperature, "generator": generator}
+
+    def head(h, w):
+        return teacher_targets(h[batch.loss_mask], w, k=min(k, w.shape[0]), method=method,
+                               chunk_tokens=cfg.data.loss_chunk_tokens, **kwargs)
+
+    return teacher(head, batch.ids, batch.positions, batch.segments)
+
+
+def student_loss(cfg: Config, batch: Batch, ids: torch.Tensor, values: torch.Tensor, normalizer: float):
+    """fn(hidden, weight) for the engine: the distillation loss over the batch's loss positions."""
+    chunk = cfg.data.loss_chunk_tokens
+
+    def fn(h, w):
+        h = h[batch.loss_mask]
+        if cfg.distill.method == "topk":
+            return chunked_topk_kl(h, w, ids, values, chunk_tokens=chunk, normalizer=normalizer)
+        return chunked_sampled_distillation(h, w, ids, values, chunk_tokens=chunk, normalizer=normalizer)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(student_call, teacher: Frozen, s_batches: list[Batch], t_batches: list[Batch], chunk: int) -> dict:
+    """Full-vocabulary KL(teacher || student) and top-1 agreement over held-out batches (token-weighted,
+    summed over ranks)."""
+    kl = top1 = n = 0.0
+    for sb, tb in zip(s_batches, t_batches):
+        def inner(hs, ws):
+            return teacher(lambda ht, wt: distill_metrics(hs[sb.loss_mask], ws, ht[tb.loss_mask], wt,
+                                                          chunk_tokens=chunk),
+                           tb.ids, tb.positions, tb.segments)
+
+        m = student_call(inner, sb.ids, sb.positions, sb.segments)
+        kl, top1, n = kl + float(m.kl) * m.tokens, top1 + float(m.top1) * m.tokens, n + m.tokens
+    kl, top1, n = all_sum([kl, top1, n])
+    return {"eval/kl": kl / max(n, 1), "eval/top1": top1 / max(n, 1), "eval/tokens": n}
+
+
+def eval_batches(students: list[Example], teachers: list[Example], cfg: Config, pad_id: int):
+    """The same held-out batches for student and teacher (one example per row, this rank's share)."""
+    B, W = cfg.data.micro_batch_size, world_size()
+    limit = cfg.distill.eval_batches * B * W
+    idx = list(range(min(len(students), limit)))
+    mine = idx[rank()::W]
+    s_out, t_out = [], []
+    for k in range(0, len(mine), B):
+        rows = [[i] for i in mine[k:k + B]]
+        s_out.append(collate(students, rows, max(len(students[i].ids) for (i,) in rows), pad_id))
+        t_out.append(collate(teachers, rows, max(len(teachers[i].ids) for (i,) in rows), pad_id))
+    return s_out, t_out
+
+
+# ----------------------------------------------------------------------------- on-policy
+
+def on_policy_batch(engine: Engine, prompts: list[Example], t_prompts: list[Example], batch: Batch, cfg: Config,
+                    tok, seed: int) -> tuple[Batch, Batch]:
+    """Replies sampled by the student to the batch's prompts; the (student, teacher) batches that hold them."""
+    idx = [row[0] for row in batch.index if row]
+    with engine.full_weights() as model:
+        model.eval()
+        out = Sampler(model).generate([prompts[i].ids for i in idx], max_new_tokens=cfg.distill.max_new_tokens,
+                                      temperature=cfg.distill.temperature, stop_token_ids=tok.stop_ids, seed=seed)
+        model.train()
+    students, teachers = [], []
+    for i, (c,) in zip(idx, out):
+        reply = list(c.tokens)
+        students.append(Example(prompts[i].ids + reply, [False] * len(prompts[i].ids) + [True] * len(reply)))
+        teachers.append(Example(t_prompts[i].ids + reply, [False] * len(t_prompts[i].ids) + [True] * len(reply)))
+    rows = [[j] for j in range(len(students))]
+    return (collate(students, rows, max(len(e.ids) for e in students), tok.pad_id),
+            collate(teachers, rows, max(len(e.ids) for e in teachers), tok.pad_id))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_dir: Path | None = None) -> dict:
+    """Train the student on the teacher's distribution; returns the summary (also <stage dir>/summary.json)."""
+    d, data_cfg = cfg.distill, cfg.data
+    out_dir = Path(out_dir or cfg.out_dir / "distill")
+    if data_cfg.train is None:
+        raise UserError("stage 'distill' needs data.train (a .jsonl/.json/.parquet path, a bundled dataset "
+                        "name such as 'arithmetic', or a hub dataset)")
+    context = read_context(d.teacher_context)
+    on_policy = d.method == "on_policy"
+    rows = load_split(data_cfg.train, "data.train")
+    s_ex, t_ex = paired_examples(rows, tok, data_cfg.max_seq_len, context, data_cfg.truncation,
+                                 with_reply=not on_policy)
+    loader = DataLoader(s_ex, batch_size=data_cfg.micro_batch_size, max_seq_len=data_cfg.max_seq_len,
+                        pad_id=tok.pad_id, seed=cfg.seed, packing=data_cfg.packing and not on_policy,
+                        rank=rank(), world_size=world_size())
+    eval_s, eval_t = [], []
+    if data_cfg.eval:
+        e_s, e_t = paired_examples(load_split(data_cfg.eval, "data.eval"), tok, data_cfg.max_seq_len, context,
+                                   data_cfg.truncation)
+        eval_s, eval_t = eval_batches(e_s, e_t, cfg, tok.pad_id)
+
+    engine = Engine(student, cfg, lr=d.lr, steps=d.steps, warmup_steps=d.warmup_steps, out_dir=out_dir)
+    teacher = Frozen(teacher_model, cfg)
+    cache = None
+    if d.cache_targets and not on_policy:
+        cache = TargetCache.build(out_dir / "targets", teacher, t_ex, cfg, tok.pad_id)
+
+    start, extra = engine.resume() if cfg.resume else (0, None)
+    summary_path = out_dir / "summary.json"
+    if extra:
+        loader.load_state_dict(extra["loader"])
+        if start >= d.steps:
+            if rank() == 0:
+                print(f"stage distill already finished: its checkpoint is at step {start} of {d.steps} "
+                      f"({engine.latest()}); nothing to do. To train more, raise distill.steps; to start over, "
+                      f"delete {out_dir}")
+            engine.close()
+            return extra.get("summary", {})
+    tracker = Tracker(cfg.tracking, out_dir, config=cfg.model_dump(), name=f"{cfg.name}-distill", group=cfg.name)
+    chunk = data_cfg.loss_chunk_tokens
+    before = (extra or {}).get("before") or {}
+    if eval_s and not before:
+        engine.model.eval()
+        before = evaluate(engine.module, teacher, eval_s, eval_t, chunk)
+        engine.model.train()
+        tracker.log(before, step=start)
+        if rank() == 0:
+            print(f"distill: held-out before: KL {before['eval/kl']:.4f}, top-1 {before['eval/top1']:.3f}")
+
+    accum = data_cfg.grad_accum
+    bar = progress(total=d.steps, initial=start, desc="distill")
+    step, last = start, dict(before)
+    for step in range(start, d.steps):
+        t0 = time.perf_counter()
+        micro = [next(loader) for _ in range(accum)]
+        if on_policy:
+            pairs = [on_policy_batch(engine, s_ex, t_ex, b, cfg, tok,
+                                     seed=hash((cfg.seed, (step * accum + m) * world_size() + rank())) & 0xFFFFFFF)
+                     for m, b in enumerate(micro)]
+        else:
+            pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id, data_cfg)) for b in micro]
+        local_tokens = sum(int(sb.loss_mask.sum()) for sb, _ in pairs)
+        global_tokens = all_sum([float(local_tokens)])[0]
+        # DeepSpeed scales each micro-batch's loss by 1/accum and averages gradients over ranks: dividing
+        # by global_tokens / (accum * ranks) makes the step's gradient that of the mean over all its tokens.
+        normalizer = max(global_tokens, 1.0) / (accum * world_size())
+        loss_sum = 0.0
+        for m, (sb, tb) in enumerate(pairs):
+            if cache is not None:
+                ids, values = cache.batch(sb)
+            else:
+                # Keyed by the global micro-batch number (the loader's order), not by rank or accumulation
+                # slot: W ranks x G accumulation steps draw the same targets as 1 rank x W*G.
+                global_batch = (step * accum + m) * world_size() + rank()
+                ids, values = targets_for(teacher, tb, cfg, _generator(cfg.seed, global_batch))
+            loss = engine.module(student_loss(cfg, sb, ids, values, normalizer), sb.ids, sb.positions, sb.segments)
+            engine.backward(loss)
+            info = engine.step()
+            loss_sum += float(loss.detach()) * normalizer
+        seconds = time.perf_counter() - t0
+        loss_total, tokens_total = all_sum([loss_sum, float(local_tokens)])
+        metrics = {"loss": loss_total / max(tokens_total, 1), "lr": info["lr"], "grad_norm": info["grad_norm"],
+                   "tokens_per_s": tokens_total / seconds, "step_seconds": seconds, "memory_gb": _peak_memory_gb(),
+                   "state_gb": engine.held_state_bytes() / 2**30}
+        done = step + 1
+        if eval_s and d.eval_every and done % d.eval_every == 0 and done < d.steps:
+            engine.model.eval()
+            metrics |= evaluate(engine.module, teacher, eval_s, eval_t, chunk)
+            engine.model.train()
+        if done % cfg.tracking.log_every == 0 or done == d.steps:
+            tracker.log(metrics, step=done)
+        last |= metrics
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        stop = engine.stop_requested()
+        if engine.should_save(done) or stop:
+            engine.save(done, extra={"loader": loader.state_dict(), "before": before})
+        if stop:
+            if rank() == 0:
+                print(f"\ndistill: SIGTERM: saved step {done} in {engine.ckpt_dir}; resume with resume=true")
+            bar.close()
+            tracker.finish()
+            engine.close()
+            raise SystemExit(0)
+    bar.close()
+
+    after = {}
+    if eval_s:
+        engine.model.eval()
+        after = evaluate(engine.module, teacher, eval_s, eval_t, chunk)
+        tracker.log(after, step=d.steps)
+    summary = {"steps": d.steps, "method": d.method, "final_loss": last.get("loss"),
+               "before": before, "after": after}
+    final = out_dir / "final"
+    with engine.full_weights() as model:
+        if rank() == 0:
+            from .checkpoint import save_pretrained
+
+            save_pretrained(model, tok, final, dtype=model.embed_tokens.weight.dtype)
+            write_json_atomic(summary_path, summary)
+    engine.save(d.steps, extra={"loader": loader.state_dict(), "before": before, "summary": summary})
+    if rank() == 0 and after:
+        print(f"distill: held-out after {d.steps} steps: KL {before['eval/kl']:.4f} -> {after['eval/kl']:.4f}, "
+              f"top-1 {before['eval/top1']:.3f} -> {after['eval/top1']:.3f}")
+    tracker.finish()
+    engine.close()
+    return summary
+
+
+def _teacher_batch(batch: Batch, t_ex: list[Example], pad_id: int, data_cfg) -> Batch:
+    """The teacher's batch for the same rows (its examples are longer by the context)."""
+    width = max(1, *(sum(len(t_ex[i].ids) for i in row) for row in batch.index))
+    return collate(t_ex, batch.index, width, pad_id)
+
+
+__all__ = ["run_distill", "paired_examples", "teacher_messages", "evaluate"]

@@ -1,0 +1,402 @@
+"""The training engine: DeepSpeed around the trained model, frozen models, step checkpoints, stop on SIGTERM.
+
+    dist = init_distributed()                      # torchrun's env, or a world of 1 for plain python
+    engine = Engine(student, cfg, lr=1e-5, steps=1000, warmup_steps=100, out_dir=run/"distill")
+    start, extra = engine.resume() if cfg.resume else (0, None)
+    for step in range(start, steps):
+        for micro in micro_batches:
+            loss = engine.module(fn, ids, positions, segments)   # fn(hidden, head_weight) -> loss
+            engine.backward(loss)
+        info = engine.step()                       # {"lr", "grad_norm"}
+        if engine.should_save(step + 1): engine.save(step + 1, extra={...})
+        if engine.stop_requested(): engine.save(step + 1, ...); break
+
+The trained model runs inside a DeepSpeed engine with the recipe's ZeRO stage (0-3) and its
+`distributed.ds_config` merged over the generated config. CPU runs set DS_ACCELERATOR=cpu and use
+gloo; plain `python train.py` gets a one-process world on a free local port. Losses are computed
+from final hidden states and the tied output weight in the same forward (`WithHead`), so ZeRO-3
+gathers the embedding for the head too. Frozen models (teacher, reference) run inference-only:
+replicated, or partitioned by ZeRO-3 (`Frozen`) when the recipe shards weights.
+
+Checkpoints: <out_dir>/checkpoints/step_<k>/ holds DeepSpeed's model and optimizer shards, the LR
+schedule, each rank's RNG states and the caller's `extra` (data position, metrics). A checkpoint
+is written to step_<k>.partial and renamed when every rank has finished, and `latest` is replaced
+atomically after that, so a kill during a save leaves the previous checkpoint usable. The last
+`checkpoint.keep` are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import Config
+from .errors import UserError
+from .model import Gemma3
+
+LATEST = "latest"
+# DeepSpeed 0.19 calls torch.distributed's renamed collectives on every ZeRO-3 gather: not ours to fix.
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                        category=FutureWarning)
+
+
+# ----------------------------------------------------------------------------- process group
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join torchrun's process group (or make a world of one); returns (rank, world_size).
+
+    Without CUDA, DeepSpeed is pointed at its CPU accelerator (DS_ACCELERATOR=cpu) and the gloo
+    backend before it is imported; nothing needs to be set by hand."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of a few numbers over ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- modules
+
+class WithHead(nn.Module):
+    """A Gemma 3 model whose forward ends in a function of its final hidden states and its tied output
+    weight: forward(fn, ids, positions, segments) = fn(hidden (B, T, C), weight (V, C)).
+
+    Under ZeRO-3 the embedding is registered as an external parameter of this module, so it stays
+    gathered for `fn` (the chunked losses) in the forward and the backward."""
+
+    def __init__(self, model: Gemma3):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None):
+        h = self.model.hidden_states(ids, positions=positions, segments=segments)
+        return fn(h, self.model.embed_tokens.weight)
+
+
+def _register_head(module: WithHead) -> None:
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(module, module.model.embed_tokens.weight)
+
+
+def _sharded(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def lr_lambda(steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up from 0 to the peak over warmup_steps, then cosine decay to 10% of it at `steps`."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def ds_config(cfg: Config, *, lr: float, grad_accum: int, train: bool = True) -> dict:
+    """The generated DeepSpeed config, with the recipe's distributed.ds_config merged over it."""
+    d = cfg.distributed
+    on_gpu = torch.cuda.is_available()
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": d.zero_stage},
+        "bf16": {"enabled": on_gpu and cfg.model.student.dtype == "bfloat16"},
+    }
+    if train:
+        # torch_adam: torch's AdamW (DeepSpeed's fused CPU Adam needs a C++ build at first use).
+        conf["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                         "weight_decay": 0.0, "torch_adam": not on_gpu}}
+        if d.offload_optimizer:
+            conf["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if d.zero_stage == 3:
+        # Small tensors (norms) stay whole on every rank: gathering them costs more than they weigh.
+        conf["zero_optimization"].update(stage3_param_persistence_threshold=10_000,
+                                         stage3_gather_16bit_weights_on_model_save=False)
+    return _merge(conf, d.ds_config)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ----------------------------------------------------------------------------- the engine
+
+class Engine:
+    """The trained model under DeepSpeed, with its optimizer, LR schedule and checkpoints."""
+
+    def __init__(self, model: Gemma3, cfg: Config, *, lr: float, steps: int, warmup_steps: int,
+                 out_dir: Path, grad_accum: int | None = None):
+        import deepspeed
+
+        self.cfg, self.steps, self.out_dir = cfg, steps, Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        model.activation_checkpointing = cfg.distributed.activation_checkpointing
+        self.wrapped = WithHead(model.train())
+        conf = ds_config(cfg, lr=lr, grad_accum=grad_accum or cfg.data.grad_accum)
+        optimizer_holder: list = []
+
+        def scheduler(optimizer):
+            optimizer_holder.append(optimizer)
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, warmup_steps))
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.wrapped, model_parameters=[p for p in self.wrapped.parameters() if p.requires_grad],
+            config=conf, lr_scheduler=scheduler)
+        if cfg.distributed.zero_stage == 3:
+            _register_head(self.wrapped)
+        self._stop = False
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) \
+            if threading_main() else None
+
+    # --- training
+
+    @property
+    def module(self) -> nn.Module:
+        """Call it like WithHead: module(fn, ids, positions, segments)."""
+        return self.engine
+
+    @property
+    def model(self) -> Gemma3:
+        return self.wrapped.model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        """Finish the micro-batch (DeepSpeed steps the optimizer at accumulation boundaries)."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return {"lr": self.scheduler.get_last_lr()[0] if self.scheduler else float("nan"),
+                "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """Whole weights on every rank for the duration (the sampler's rollouts), then back to shards.
+        A no-op unless ZeRO-3 partitions the weights."""
+        params = [p for p in self.wrapped.parameters() if _sharded(p)]
+        if not params:
+            yield self.model
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield self.model
+
+    def held_state_bytes(self) -> int:
+        """Bytes of parameters, gradients and optimizer states this rank holds (each storage once)."""
+        seen: dict[int, int] = {}
+
+        def add(t):
+            if isinstance(t, torch.Tensor) and t.numel():
+                s = t.untyped_storage()
+                seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+            elif isinstance(t, (list, tuple)):
+                for x in t:
+                    add(x)
+            elif isinstance(t, dict):
+                for x in t.values():
+                    add(x)
+
+        for p in self.wrapped.parameters():
+            add(p.ds_tensor if _sharded(p) else p.data)
+            add(p.grad)
+        opt = self.optimizer
+        for obj in (opt, getattr(opt, "optimizer", None)):
+            if obj is None:
+                continue
+            add(list(vars(obj).values()))
+            add(list(getattr(obj, "state", {}).values()))
+        return sum(seen.values())
+
+    # --- checkpoints
+
+    def should_save(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return step == self.steps or (every > 0 and step % every == 0)
+
+    def save(self, step: int, extra: dict | None = None) -> Path:
+        """Write checkpoint step_<step> (all ranks call this), atomically, and prune old ones."""
+        tag, final = f"step_{step}.partial", self.ckpt_dir / f"step_{step}"
+        if rank() == 0 and (self.ckpt_dir / tag).exists():
+            shutil.rmtree(self.ckpt_dir / tag)
+        barrier()
+        client = {"step": step, "extra": extra or {}, "scheduler": self.scheduler.state_dict()}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        torch.save(_rng_state(), self.ckpt_dir / tag / f"rng_rank{rank()}.pt")
+        barrier()
+        if rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.ckpt_dir / tag, final)
+            _write_atomic(self.ckpt_dir / LATEST, final.name)
+            done = sorted(self._checkpoints(), key=lambda p: int(p.name.split("_")[1]))
+            for old in done[:-self.cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def _checkpoints(self) -> list[Path]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        return [p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+                and p.name.split("_")[1].isdigit()]
+
+    def latest(self) -> Path | None:
+        marker = self.ckpt_dir / LATEST
+        if not marker.exists():
+            return None
+        path = self.ckpt_dir / marker.read_text().strip()
+        if not path.is_dir():
+            raise UserError(f"{marker} names {path.name}, which is missing; fix: delete {marker} to start "
+                            f"over, or restore {path}")
+        return path
+
+    def resume(self) -> tuple[int, dict | None]:
+        """Load the latest checkpoint if there is one: (its step, its extra), else (0, None)."""
+        path = self.latest()
+        if path is None:
+            return 0, None
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if client is None:
+            raise UserError(f"could not read the checkpoint {path}; fix: delete it (the previous one is kept)")
+        self.scheduler.load_state_dict(client["scheduler"])
+        rng = path / f"rng_rank{rank()}.pt"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return int(client["step"]), client.get("extra")
+
+    # --- stopping
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM (checked once per step, all ranks agree)."""
+        return all_sum([float(self._stop)])[0] > 0
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------- frozen models
+
+class Frozen:
+    """A frozen model for inference: replicated, or partitioned by ZeRO-3 when the recipe shards weights.
+
+    frozen(fn, ids, positions, segments) = fn(hidden, head_weight) under no_grad, like WithHead."""
+
+    def __init__(self, model: Gemma3, cfg: Config):
+        model.eval().requires_grad_(False)
+        self.wrapped = WithHead(model)
+        self.engine = None
+        if cfg.distributed.zero_stage == 3 and world_size() > 1:
+            import deepspeed
+
+            conf = ds_config(cfg, lr=0.0, grad_accum=1, train=False)
+            self.engine, *_ = deepspeed.initialize(model=self.wrapped, config=conf)
+            _register_head(self.wrapped)
+
+    @property
+    def model(self) -> Gemma3:
+        return self.wrapped.model
+
+    @torch.no_grad()
+    def __call__(self, fn: Callable, ids, positions=None, segments=None):
+        return (self.engine or self.wrapped)(fn, ids, positions, segments)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2))
+
+
+__all__ = ["Engine", "Frozen", "WithHead", "init_distributed", "ds_config", "lr_lambda", "all_sum", "barrier",
+           "rank", "world_size", "write_json_atomic"]

@@ -1,0 +1,132 @@
+"""The distill stage through train.py, as users run it: real processes, DeepSpeed on CPU (gloo).
+
+- 2 ranks with ZeRO-3 give the loss curve of 1 rank with the same global batch (2 x 1 micro-batches
+  vs 1 x 2 accumulated), and hold about half the parameter + optimizer state per rank;
+- a run killed with SIGKILL after a checkpoint and resumed gives the same losses and bit-identical
+  final weights as a straight run; SIGTERM writes a checkpoint and exits 0; a finished stage says so;
+  a half-written checkpoint (a kill during a save) leaves the previous one in use;
+- the wandb offline run holds the logged metrics, read back from its files.
+The model is the smoke recipe's tiny random Gemma 3 (17M parameters, most of them the embedding).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.tracking import offline_history
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+BASE = ["recipe=smoke", "stages=[distill]", f"distill.steps={STEPS}", "distill.warmup_steps=1",
+        "distill.eval_every=0", "data.eval=null", "checkpoint.every=2", "tracking.log_every=1"]
+
+
+def train(run_dir: Path, *overrides: str, ranks: int = 1, timeout: float = 300, wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"] if ranks > 1 \
+        else [sys.executable]
+    cmd = [*launcher, str(ROOT / "train.py"), *BASE, f"run_dir={run_dir}", *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def losses(run_dir: Path) -> dict[int, dict]:
+    """step -> the last record logged for it (a resumed run logs again the steps after its checkpoint)."""
+    out = {}
+    for line in (run_dir / "smoke" / "distill" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "smoke" / "distill" / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight")
+    train(run)
+    return run
+
+
+def test_two_ranks_zero3_match_one_rank_and_halve_the_state(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, "distill.steps=3", "data.grad_accum=2")
+    train(two, "distill.steps=3", ranks=2)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:  # same micro-batches, same targets: only the order of float sums differs
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-3), step
+    ratio = b[3]["state_gb"] / a[3]["state_gb"]  # rank 0's parameters, gradients and Adam states
+    assert 0.4 < ratio < 0.6, (a[3]["state_gb"], b[3]["state_gb"])
+
+
+def test_resume_after_sigkill_is_exact(straight, tmp_path):
+    proc = train(tmp_path, wait=False)
+    ckpt = tmp_path / "smoke" / "distill" / "checkpoints" / "step_4"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), proc.stdout.read()[-3000:]
+    assert not (tmp_path / "smoke" / "distill" / "final").exists()  # killed before the end
+    train(tmp_path, "resume=true")
+    a, b = losses(straight), losses(tmp_path)
+    assert [a[s]["loss"] for s in range(1, STEPS + 1)] == [b[s]["loss"] for s in range(1, STEPS + 1)]
+    wa, wb = final_weights(straight), final_weights(tmp_path)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-exact on CPU
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(straight, tmp_path):
+    proc = train(tmp_path, "checkpoint.every=0", wait=False)
+    metrics = tmp_path / "smoke" / "distill" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while (not metrics.exists() or '"loss"' not in metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved step" in out
+    ckpts = sorted((tmp_path / "smoke" / "distill" / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and 1 <= int(ckpts[0].name.split("_")[1]) < STEPS, ckpts
+    train(tmp_path, "resume=true", "checkpoint.every=0")
+    a, b = losses(straight), losses(tmp_path)
+    assert [a[s]["loss"] for s in range(1, STEPS + 1)] == [b[s]["loss"] for s in range(1, STEPS + 1)]
+
+
+def test_finished_stage_says_so_and_a_half_written_checkpoint_is_ignored(straight):
+    ckpts = straight / "smoke" / "distill" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_4", "step_6"]  # keep: 2
+    (ckpts / "step_8.partial").mkdir()  # a save killed half-way: never named by `latest`
+    res = train(straight, "resume=true")
+    assert f"already finished: its checkpoint is at step {STEPS} of {STEPS}" in res.stdout
+    res = train(straight, "resume=true", "distill.steps=8")  # continues from step_6, not the partial one
+    assert sorted(losses(straight)) == list(range(1, 9))
+    assert (ckpts / "latest").read_text() == "step_8"
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path):
+    train(tmp_path, "distill.steps=2", "tracking.wandb=true", "tracking.mode=offline")
+    runs = list((tmp_path / "smoke" / "distill" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = [r for r in offline_history(runs[0]) if "loss" in r]
+    logged = losses(tmp_path)
+    assert [round(r["loss"], 6) for r in history] == [round(logged[s]["loss"], 6) for s in (1, 2)]
+    assert {"lr", "grad_norm", "tokens_per_s", "memory_gb"} <= set(history[0])
