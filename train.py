@@ -30,7 +30,7 @@ from posttrain.config import Config, ModelSpec
 from posttrain.recipe import describe_keys, load_config, print_config, save_config
 from posttrain.embedded import EMBEDDED_NAME
 from posttrain.errors import UserError
-from posttrain.model import Gemma3, build_model, param_counts
+from posttrain.model import Gemma3, build_model, param_counts, prune_layers
 from posttrain.plan import check_arch, plan
 from posttrain.sampler import Sampler
 
@@ -55,6 +55,12 @@ def load(role: str, spec: ModelSpec, seed: int, device: str) -> Gemma3:
         model = load_model(spec.source, dtype=dtype, device=device)
         check_arch(role, spec, model.config)
         origin = spec.source
+    if spec.layers:
+        try:
+            model = prune_layers(model, spec.layers)
+        except ValueError as e:
+            raise UserError(f"model.{role}.layers: {e}") from None
+        origin += f", layers {spec.layers} kept"
     counts = param_counts(model.config)
     log(f"{role}: {counts['total'] / 1e6:,.1f}M parameters ({counts['non_embedding'] / 1e6:,.1f}M "
         f"non-embedding), {spec.dtype}, from {origin}")
@@ -99,6 +105,15 @@ def distill(cfg: Config, models: dict, tok) -> None:
     log(f"student <- {final}")
 
 
+def warm(cfg: Config, models: dict, tok) -> None:
+    """Reward models from the student, weight-averaged (posttrain/warm.py); the policy stage reads it."""
+    from posttrain.warm import run_warm
+
+    run_warm(cfg, models["student"], tok)
+    models["reward_model"] = cfg.out_dir / "warm" / "reward_model"
+    log(f"reward model -> {models['reward_model']}")
+
+
 def export(cfg: Config, models: dict, tok) -> None:
     """The student as an HF directory (config.json, safetensors, tokenizer) transformers loads."""
     out = Path(cfg.export.dir) if cfg.export.dir else cfg.out_dir / "export"
@@ -110,7 +125,7 @@ def export(cfg: Config, models: dict, tok) -> None:
 # Each stage takes (cfg, models, tokenizer) and writes <run_dir>/<name>/<stage>/.
 STAGES = {
     "distill": distill,  # posttrain/distill.py
-    "warm": not_implemented("warm"),  # posttrain/warm.py
+    "warm": warm,  # posttrain/warm.py
     "policy": not_implemented("policy"),  # posttrain/bond.py, posttrain/warp.py
     "export": export,
 }

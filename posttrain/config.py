@@ -60,6 +60,9 @@ class ModelSpec(Section):
         "hidden_size: 64} for tiny test models; keys are posttrain.model.GemmaConfig fields")
     dtype: Dtype = Field("float32", description="weights and compute dtype; bfloat16 on GPU (DeepSpeed "
                          "keeps float32 master weights for trained models), float32 on CPU")
+    layers: Optional[list[int]] = Field(
+        None, description="keep only these layers (0-based, ascending) of the loaded model: a smaller "
+        "student initialised from a larger model's layers, each keeping its type (sliding or global)")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -132,6 +135,8 @@ class DataSection(Section):
                                  ".parquet path, a bundled dataset name, or a hub dataset name")
     eval: Optional[str] = Field(None, description="held-out data for evaluation, same forms as `train`")
     preferences: Optional[str] = Field(None, description="WARM preference pairs (prompt, chosen, rejected)")
+    eval_preferences: Optional[str] = Field(None, description="held-out preference pairs; null = a share "
+                                            "(warm.eval_share) of data.preferences")
     prompts: Optional[str] = Field(None, description="policy-stage prompts with the columns their rewards need")
     eval_prompts: list[str] = Field(default_factory=list, description="a few prompts whose greedy "
                                     "continuations are printed as a smoke evaluation")
@@ -179,8 +184,15 @@ class WarmSection(Section):
     steps: int = Field(1000, ge=0, description="fine-tuning steps per member")
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin: loss = -log sigmoid(r_chosen - "
                           "r_rejected - margin)")
-    ensemble_baseline: bool = Field(False, description="also evaluate prediction ensembling (ENS), the "
-                                    "paper's baseline")
+    ensemble_baseline: bool = Field(True, description="report prediction ensembling (ENS, the paper's "
+                                    "baseline: the mean of the members' scores) beside WARM")
+    probe_lr: float = Field(1e-3, gt=0, description="learning rate of the linear probe (the head alone, Adam)")
+    eval_share: float = Field(0.1, gt=0, lt=1, description="share of data.preferences held out for evaluation "
+                              "when data.eval_preferences is not set")
+    label_noise: float = Field(0.0, ge=0, lt=0.5, description="share of training pairs whose labels are "
+                               "flipped (the paper's robustness experiment: 0.25)")
+    save_members: bool = Field(False, description="also save each member as a reward model directory "
+                               "(member_<m>/reward_model)")
 
     @model_validator(mode="after")
     def _check(self) -> "WarmSection":

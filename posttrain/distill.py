@@ -293,7 +293,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         stop = engine.stop_requested()
-        if engine.should_save(done) or stop:
+        if (engine.should_save(done) and done < d.steps) or stop:  # the last one is saved below, with the summary
             engine.save(done, extra={"loader": loader.state_dict(), "before": before})
         if stop:
             if rank() == 0:

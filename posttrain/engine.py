@@ -181,14 +181,18 @@ def _merge(base: dict, extra: dict) -> dict:
 class Engine:
     """The trained model under DeepSpeed, with its optimizer, LR schedule and checkpoints."""
 
-    def __init__(self, model: Gemma3, cfg: Config, *, lr: float, steps: int, warmup_steps: int,
+    def __init__(self, model: Gemma3 | nn.Module, cfg: Config, *, lr: float, steps: int, warmup_steps: int,
                  out_dir: Path, grad_accum: int | None = None):
+        """model: a Gemma3 (wrapped in WithHead: the engine's forward is fn(hidden, head_weight)), or any
+        module whose `.model` (or itself) is trained as given, e.g. a reward model."""
         import deepspeed
 
         self.cfg, self.steps, self.out_dir = cfg, steps, Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        model.activation_checkpointing = cfg.distributed.activation_checkpointing
-        self.wrapped = WithHead(model.train())
+        backbone = model if isinstance(model, Gemma3) else getattr(model, "backbone", None)
+        if backbone is not None:
+            backbone.activation_checkpointing = cfg.distributed.activation_checkpointing
+        self.wrapped = WithHead(model.train()) if isinstance(model, Gemma3) else model.train()
         conf = ds_config(cfg, lr=lr, grad_accum=grad_accum or cfg.data.grad_accum)
         optimizer_holder: list = []
 
@@ -199,7 +203,7 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.wrapped, model_parameters=[p for p in self.wrapped.parameters() if p.requires_grad],
             config=conf, lr_scheduler=scheduler)
-        if cfg.distributed.zero_stage == 3:
+        if cfg.distributed.zero_stage == 3 and isinstance(self.wrapped, WithHead):
             _register_head(self.wrapped)
         self._stop = False
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) \
@@ -213,8 +217,29 @@ class Engine:
         return self.engine
 
     @property
-    def model(self) -> Gemma3:
-        return self.wrapped.model
+    def model(self) -> nn.Module:
+        """The trained Gemma3 (or the module given, when it was not one)."""
+        return self.wrapped.model if isinstance(self.wrapped, WithHead) else self.wrapped
+
+    def local_shards(self) -> dict[str, torch.Tensor]:
+        """name -> the part of each parameter this rank holds: its ZeRO-3 partition, else the whole tensor.
+        Views, not copies: writing into them changes the model."""
+        return {name: (p.ds_tensor if _sharded(p) else p.data) for name, p in self.wrapped.named_parameters()}
+
+    @torch.no_grad()
+    def assign_local(self, shards: dict[str, torch.Tensor]) -> None:
+        """Write new values into the parts of the parameters this rank holds (local_shards' layout).
+        Under ZeRO-3, parameters small enough to stay whole on every rank (persistent) also get their
+        whole value rebuilt from the ranks' new parts, so the next forward sees the change."""
+        for name, p in self.wrapped.named_parameters():
+            if not _sharded(p):
+                p.data.copy_(shards[name])
+                continue
+            p.ds_tensor.copy_(shards[name])
+            if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel:
+                parts = [torch.empty_like(p.ds_tensor) for _ in range(world_size())]
+                dist.all_gather(parts, p.ds_tensor)
+                p.data.copy_(torch.cat(parts)[:p.ds_numel].view(p.data.shape))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -247,10 +247,13 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.dropout = 0.0  # on both branches before the residual add, in training mode (reward models)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, segments))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        a = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, segments))
+        x = x + (F.dropout(a, self.dropout, True) if self.dropout and self.training else a)
+        m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x + (F.dropout(m, self.dropout, True) if self.dropout and self.training else m)
 
 
 class Gemma3(nn.Module):
@@ -267,6 +270,11 @@ class Gemma3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.activation_checkpointing = False  # recompute each block in backward to save memory
+
+    def set_dropout(self, p: float) -> None:
+        """Residual-branch dropout in every block (training mode only; 0 = none, the default)."""
+        for block in self.layers:
+            block.dropout = p
 
     def reset_rope(self) -> None:
         """Recompute non-persistent RoPE buffers on the device of the weights (after a meta build)."""
@@ -353,7 +361,33 @@ def build_model(cfg: GemmaConfig, device: str | torch.device = "cpu", dtype: tor
     return model
 
 
+def pruned_config(cfg: GemmaConfig, keep: list[int]) -> GemmaConfig:
+    """The architecture of `prune_layers(model, keep)`: the kept layers, each keeping its type."""
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= cfg.num_layers:
+        raise ValueError(f"layers to keep must be distinct, ascending and within 0..{cfg.num_layers - 1}; got {keep}")
+    return cfg.with_(num_layers=len(keep), layer_types=tuple(cfg.layer_types[i] for i in keep))
+
+
+def prune_layers(model: Gemma3, keep: list[int]) -> Gemma3:
+    """A smaller student initialised from a model: its embedding, final norm and the layers `keep`
+    (each keeps its weights and its type, so a global layer stays global)."""
+    cfg = pruned_config(model.config, keep)
+    small = build_model(cfg, device="meta", dtype=model.embed_tokens.weight.dtype)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("layers."):
+            i, rest = name.split(".", 2)[1:]
+            if int(i) in keep:
+                state[f"layers.{keep.index(int(i))}.{rest}"] = tensor
+        else:
+            state[name] = tensor
+    small.load_state_dict(state, strict=True, assign=True)
+    small.reset_rope()
+    return small
+
+
 __all__ = [
-    "GemmaConfig", "PRESETS", "Gemma3", "RMSNorm", "build_model", "init_weights", "param_counts",
+    "GemmaConfig", "PRESETS", "Gemma3", "RMSNorm", "build_model", "init_weights", "param_counts", "prune_layers",
+    "pruned_config",
     "flops_per_token", "SLIDING", "GLOBAL",
 ]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 from .config import Config, ModelSpec
 from .embedded import EMBEDDED_NAME
 from .errors import UserError
-from .model import PRESETS, GemmaConfig, param_counts
+from .model import pruned_config, PRESETS, GemmaConfig, param_counts
 
 GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -124,6 +124,12 @@ def resolve_arch(role: str, spec: ModelSpec) -> tuple[GemmaConfig, str]:
 
 def _model_plan(role: str, spec: ModelSpec) -> ModelPlan:
     arch, origin = resolve_arch(role, spec)
+    if spec.layers:
+        try:
+            arch = pruned_config(arch, spec.layers)
+        except ValueError as e:
+            raise UserError(f"model.{role}.layers: {e}") from None
+        origin += f", layers {spec.layers}"
     return ModelPlan(role, arch, origin, _counts(arch), spec.dtype)
 
 

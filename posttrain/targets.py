@@ -84,7 +84,7 @@ class TargetCache:
         for s in range(0, len(mine), B):
             group = mine[s:s + B]
             rows = [[i] for i in group]
-            batch = collate(examples, rows, max(len(examples[i].ids) for i in group), pad_id)
+            batch = collate(examples, rows, max(len(examples[i][0]) for i in group), pad_id)
             # Per example: its own generator, so targets do not depend on batching or the number of ranks.
             def head(h, w):
                 out = []

@@ -34,13 +34,14 @@ from .base import ON_ERROR, CombinedReward
 
 ENTRY_POINT_GROUP = "posttrain.rewards"
 
-# Built-ins are "module:attr" strings, imported on first use. The learned reward model
-# (`reward_model`) is registered by the WARM stage when it lands.
+# Built-ins are "module:attr" strings, imported on first use. `reward_model` is the learned (WARM)
+# reward model the warm stage writes: options {path: runs/<name>/warm/reward_model}.
 REGISTRY: dict[str, Any] = {
     "math": "rewards.math:MathReward",
     "format": "rewards.math:answer_format",
     "code": "rewards.code:CodeReward",
     "safety": "rewards.safety:SafetyReward",
+    "reward_model": "rewards.model:RewardModelReward",
 }
 
 
