@@ -31,7 +31,7 @@ from posttrain.recipe import describe_keys, load_config, print_config, save_conf
 from posttrain.embedded import EMBEDDED_NAME
 from posttrain.errors import UserError
 from posttrain.model import Gemma3, build_model, param_counts, prune_layers
-from posttrain.plan import check_arch, plan
+from posttrain.plan import check_arch, kept_layers, plan
 from posttrain.sampler import Sampler
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -56,11 +56,8 @@ def load(role: str, spec: ModelSpec, seed: int, device: str) -> Gemma3:
         check_arch(role, spec, model.config)
         origin = spec.source
     if spec.layers:
-        try:
-            model = prune_layers(model, spec.layers)
-        except ValueError as e:
-            raise UserError(f"model.{role}.layers: {e}") from None
-        origin += f", layers {spec.layers} kept"
+        kept_layers(role, spec, model.config)  # a clear error for a bad list
+        model, origin = prune_layers(model, spec.layers), origin + f", layers {spec.layers} kept"
     counts = param_counts(model.config)
     log(f"{role}: {counts['total'] / 1e6:,.1f}M parameters ({counts['non_embedding'] / 1e6:,.1f}M "
         f"non-embedding), {spec.dtype}, from {origin}")

@@ -122,14 +122,20 @@ def resolve_arch(role: str, spec: ModelSpec) -> tuple[GemmaConfig, str]:
     return found, spec.source
 
 
+def kept_layers(role: str, spec: ModelSpec, arch: GemmaConfig) -> GemmaConfig:
+    """The architecture after `model.<role>.layers` (unchanged without it); a bad list is a UserError."""
+    if not spec.layers:
+        return arch
+    try:
+        return pruned_config(arch, spec.layers)
+    except ValueError as e:
+        raise UserError(f"model.{role}.layers: {e}") from None
+
+
 def _model_plan(role: str, spec: ModelSpec) -> ModelPlan:
     arch, origin = resolve_arch(role, spec)
     if spec.layers:
-        try:
-            arch = pruned_config(arch, spec.layers)
-        except ValueError as e:
-            raise UserError(f"model.{role}.layers: {e}") from None
-        origin += f", layers {spec.layers}"
+        arch, origin = kept_layers(role, spec, arch), origin + f", layers {spec.layers}"
     return ModelPlan(role, arch, origin, _counts(arch), spec.dtype)
 
 
