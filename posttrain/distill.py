@@ -260,6 +260,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         else:
             pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id, data_cfg)) for b in micro]
         local_tokens = sum(int(sb.loss_mask.sum()) for sb, _ in pairs)
+        local_seen = sum(int((sb.segments > 0).sum()) for sb, _ in pairs)  # non-padding tokens
         global_tokens = all_sum([float(local_tokens)])[0]
         # DeepSpeed scales each micro-batch's loss by 1/accum and averages gradients over ranks: dividing
         # by global_tokens / (accum * ranks) makes the step's gradient that of the mean over all its tokens.
@@ -278,9 +279,9 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
             info = engine.step()
             loss_sum += float(loss.detach()) * normalizer
         seconds = time.perf_counter() - t0
-        loss_total, tokens_total = all_sum([loss_sum, float(local_tokens)])
+        loss_total, tokens_total, seen_total = all_sum([loss_sum, float(local_tokens), float(local_seen)])
         metrics = {"loss": loss_total / max(tokens_total, 1), "lr": info["lr"], "grad_norm": info["grad_norm"],
-                   "tokens_per_s": tokens_total / seconds, "step_seconds": seconds, "memory_gb": _peak_memory_gb(),
+                   "tokens_per_s": seen_total / seconds, "loss_tokens": tokens_total, "step_seconds": seconds, "memory_gb": _peak_memory_gb(),
                    "state_gb": engine.held_state_bytes() / 2**30}
         done = step + 1
         if eval_s and d.eval_every and done % d.eval_every == 0 and done < d.steps:

@@ -130,3 +130,11 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     logged = losses(tmp_path)
     assert [round(r["loss"], 6) for r in history] == [round(logged[s]["loss"], 6) for s in (1, 2)]
     assert {"lr", "grad_norm", "tokens_per_s", "memory_gb"} <= set(history[0])
+
+
+def test_on_policy_distillation_samples_from_the_sharded_student(tmp_path):
+    # ZeRO-3 partitions the student even on one rank: rollouts gather its weights once per batch.
+    res = train(tmp_path, "distill.steps=2", "distill.method=on_policy", "distill.max_new_tokens=6")
+    logged = losses(tmp_path)
+    assert sorted(logged) == [1, 2] and all(0 < r["loss_tokens"] <= 6 * 2 for r in logged.values())
+    assert "held-out" not in res.stdout  # data.eval=null in these runs
