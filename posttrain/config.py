@@ -178,7 +178,8 @@ class WarmSection(Section):
     lrs: list[float] = Field(default_factory=lambda: [1e-5, 4e-5, 1e-4], min_length=1,
                              description="learning rates the members are spread over (paper: {1e-5, 4e-5, 1e-4})")
     dropouts: list[float] = Field(default_factory=lambda: [0.05, 0.1], min_length=1,
-                                  description="dropout rates the members are spread over (paper: {0.05, 0.1})")
+                                  description="dropout rates on the reward head's input the members are spread "
+                                  "over (paper: {0.05, 0.1}; [0.0] keeps a probed head intact on small models)")
     probe_steps: int = Field(100, ge=0, description="linear-probing steps of the shared scalar head, "
                              "backbone frozen, before the members fork")
     steps: int = Field(1000, ge=0, description="fine-tuning steps per member")

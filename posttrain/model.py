@@ -247,13 +247,10 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.dropout = 0.0  # on both branches before the residual add, in training mode (reward models)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        a = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, segments))
-        x = x + (F.dropout(a, self.dropout, True) if self.dropout and self.training else a)
-        m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x + (F.dropout(m, self.dropout, True) if self.dropout and self.training else m)
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, segments))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Gemma3(nn.Module):
@@ -270,11 +267,6 @@ class Gemma3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.activation_checkpointing = False  # recompute each block in backward to save memory
-
-    def set_dropout(self, p: float) -> None:
-        """Residual-branch dropout in every block (training mode only; 0 = none, the default)."""
-        for block in self.layers:
-            block.dropout = p
 
     def reset_rope(self) -> None:
         """Recompute non-persistent RoPE buffers on the device of the weights (after a meta build)."""

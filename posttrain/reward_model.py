@@ -39,8 +39,10 @@ class RewardModel(nn.Module):
         self.set_dropout(dropout)
 
     def set_dropout(self, p: float) -> None:
+        """Dropout on the pooled features, in training mode. Not inside the backbone: Gemma 3 was not
+        trained with dropout, and 5% on its residual branches raises the Bradley-Terry loss of a probed
+        270M from 0.30 to 6.6 (measured on arithmetic_pairs), which fine-tuning spends its steps undoing."""
         self.dropout = p
-        self.backbone.set_dropout(p)
 
     def features(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden state of each sequence's last token: (N, C). Right padding only."""
