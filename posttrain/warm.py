@@ -250,6 +250,8 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
     init = RewardModel(backbone)
     probe = probe_head(init, train, cfg, pad) if w.probe_steps else {}
     init_id = fingerprint(dict(init.state_dict()))  # of the whole init: the same id on every rank
+    if held:
+        probe["probe/accuracy"] = accuracy(margins(init.eval(), held, pad, B))  # the shared init, held out
     tracker.log(probe, step=0)
 
     # 2. members
@@ -264,7 +266,7 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
     engine.model.eval()
     warm_margins = margins(engine.module, held, pad, B)
     ens = [sum(col) / len(col) for col in zip(*(r["margins"] for r in results))]
-    table = {"member_accuracy": [r["accuracy"] for r in results],
+    table = {"probe_accuracy": probe.get("probe/accuracy"), "member_accuracy": [r["accuracy"] for r in results],
              "mean_member_accuracy": sum(r["accuracy"] for r in results) / len(results),
              "ens_accuracy": accuracy(ens), "warm_accuracy": accuracy(warm_margins),
              "held_out_pairs": len(held), "label_noise": w.label_noise}
@@ -288,7 +290,9 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
                   [[f"member {r['member']} (lr {r['lr']}, dropout {r['dropout']})", r["accuracy"]] for r in results]
                   + [["ENS", table["ens_accuracy"]], ["WARM", table["warm_accuracy"]]], step=w.members * w.steps + 1)
     if rank() == 0:
-        print("warm: held-out accuracy: members " + ", ".join(f"{a:.3f}" for a in table["member_accuracy"])
+        probed = table["probe_accuracy"]
+        print(f"warm: held-out accuracy: linear probe (the shared init) {'-' if probed is None else f'{probed:.3f}'}; "
+              "members " + ", ".join(f"{a:.3f}" for a in table["member_accuracy"])
               + f" (mean {table['mean_member_accuracy']:.3f}); ENS {table['ens_accuracy']:.3f}; "
               f"WARM {table['warm_accuracy']:.3f}")
         if "path_accuracy" in table:
