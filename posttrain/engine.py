@@ -69,13 +69,18 @@ def init_distributed() -> tuple[int, int]:
     backend before it is imported; nothing needs to be set by hand."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    alone = "WORLD_SIZE" not in os.environ  # plain `python train.py`: a world of one
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
 
-    if not dist.is_initialized():
+    if alone and not dist.is_initialized():
+        # An in-memory store: a world of one needs no TCP rendezvous (and cannot lose a port race).
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    if not dist.is_initialized() or not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
     if torch.cuda.is_available():
