@@ -28,6 +28,7 @@ atomically after that, so a kill during a save leaves the previous checkpoint us
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -363,9 +364,31 @@ class Engine:
         return all_sum([float(self._stop)])[0] > 0
 
     def close(self) -> None:
+        """Give back the SIGTERM handler and the memory: DeepSpeed's hooks and buffers keep the model,
+        its gradients and the optimizer states alive otherwise (a stage that trains several models in
+        turn, like WARM's members, would hold all of them)."""
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+        if getattr(self, "engine", None) is not None:
+            # Something inside DeepSpeed outlives destroy() and keeps the optimizer alive, so its tensors
+            # and the module's are dropped by hand: the module is unusable after close (save it first).
+            for obj in (self.optimizer, getattr(self.optimizer, "optimizer", None)):
+                for key, value in list(vars(obj).items()) if obj is not None else ():
+                    if isinstance(value, torch.Tensor):
+                        setattr(obj, key, None)
+                    elif isinstance(value, list) and any(isinstance(v, (torch.Tensor, list)) for v in value):
+                        setattr(obj, key, [])
+                    elif isinstance(value, dict) and key == "state":
+                        value.clear()
+            for param in self.wrapped.parameters():
+                param.grad = None
+                param.data = torch.empty(0, dtype=param.dtype)
+                if _sharded(param):
+                    param.ds_tensor = torch.empty(0, dtype=param.dtype)
+            self.engine.destroy()
+            self.engine = self.optimizer = self.scheduler = None
+            gc.collect()
 
 
 def threading_main() -> bool:

@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import random
+import resource
 from pathlib import Path
 
 import torch
@@ -214,7 +215,8 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
     mdir.mkdir(parents=True, exist_ok=True)
     torch.save({"init": init_id, "shards": {k: v.detach().clone() for k, v in engine.local_shards().items()}},
                mdir / f"shard_rank{rank()}.pt")
-    result = {"member": m, **settings, "accuracy": accuracy(held_margins), "margins": held_margins}
+    result = {"member": m, **settings, "accuracy": accuracy(held_margins), "margins": held_margins,
+              "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if cfg.warm.save_members:
         with engine.full_weights():
             if rank() == 0:

@@ -83,7 +83,8 @@ def test_summary_reports_members_ens_warm_and_the_path(two_rank_run):
     # the path's ends are members 0 and 1 themselves
     assert s["path_accuracy"][0] == results[0]["accuracy"] and s["path_accuracy"][-1] == results[1]["accuracy"]
     assert 0 <= s["warm_accuracy"] <= 1 and 0 <= s["ens_accuracy"] <= 1
-    assert "warm: held-out accuracy: members" in stdout
+    assert 0 <= s["probe_accuracy"] <= 1  # the shared init, before any member trained
+    assert "warm: held-out accuracy: linear probe (the shared init)" in stdout and "; members " in stdout
 
 
 def test_the_averaged_model_is_a_registry_reward(two_rank_run):
