@@ -371,6 +371,7 @@ class Engine:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
         if getattr(self, "engine", None) is not None:
+            self.engine.destroy()
             # Something inside DeepSpeed outlives destroy() and keeps the optimizer alive, so its tensors
             # and the module's are dropped by hand: the module is unusable after close (save it first).
             for obj in (self.optimizer, getattr(self.optimizer, "optimizer", None)):
@@ -386,7 +387,6 @@ class Engine:
                 param.data = torch.empty(0, dtype=param.dtype)
                 if _sharded(param):
                     param.ds_tensor = torch.empty(0, dtype=param.dtype)
-            self.engine.destroy()
             self.engine = self.optimizer = self.scheduler = None
             gc.collect()
 

@@ -100,3 +100,14 @@ def test_the_averaged_model_is_a_registry_reward(two_rank_run):
             assert got == pytest.approx(model(x[:1], lengths[:1]).item(), abs=1e-6)
     with pytest.raises(UserError, match="not a reward model directory"):
         RewardModel.load(out / "member_0")
+
+
+def test_members_train_one_after_another_under_zero2(tmp_path):
+    # ZeRO-2 keeps whole weights: each member's engine is built, trained, read and released in turn.
+    cmd = [sys.executable, str(ROOT / "train.py"), "recipe=smoke", "stages=[warm]", "warm.steps=2", "warm.members=2",
+           "warm.probe_steps=5", "distributed.zero_stage=2", "data.eval_prompts=[]", f"run_dir={tmp_path}"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    s = json.loads((tmp_path / "smoke" / "warm" / "summary.json").read_text())
+    assert len(s["member_accuracy"]) == 2 and s["path_accuracy"][0] == s["member_accuracy"][0]
