@@ -252,26 +252,26 @@ def save_pretrained(
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic(out / "model.safetensors", lambda p: save_file(shards[0], str(p), metadata=meta))
+        atomic_write(out / "model.safetensors", lambda p: save_file(shards[0], str(p), metadata=meta))
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(out / fname, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+            atomic_write(out / fname, lambda p, s=shard: save_file(s, str(p), metadata=meta))
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(out / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+        atomic_write(out / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
     hf = config_to_hf(model.config, dtype=weight_dtype)
-    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
     gen = {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}
-    _atomic(out / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
+    atomic_write(out / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary name and rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)

@@ -258,7 +258,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
                                      seed=hash((cfg.seed, (step * accum + m) * world_size() + rank())) & 0xFFFFFFF)
                      for m, b in enumerate(micro)]
         else:
-            pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id, data_cfg)) for b in micro]
+            pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id)) for b in micro]
         local_tokens = sum(int(sb.loss_mask.sum()) for sb, _ in pairs)
         local_seen = sum(int((sb.segments > 0).sum()) for sb, _ in pairs)  # non-padding tokens
         global_tokens = all_sum([float(local_tokens)])[0]
@@ -328,7 +328,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     return summary
 
 
-def _teacher_batch(batch: Batch, t_ex: list[Example], pad_id: int, data_cfg) -> Batch:
+def _teacher_batch(batch: Batch, t_ex: list[Example], pad_id: int) -> Batch:
     """The teacher's batch for the same rows (its examples are longer by the context)."""
     width = max(1, *(sum(len(t_ex[i].ids) for i in row) for row in batch.index))
     return collate(t_ex, batch.index, width, pad_id)

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import atomic_write
 from .config import Config
 from .errors import UserError
 from .model import Gemma3
@@ -316,7 +317,7 @@ class Engine:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(self.ckpt_dir / tag, final)
-            _write_atomic(self.ckpt_dir / LATEST, final.name)
+            atomic_write(self.ckpt_dir / LATEST, lambda tmp: tmp.write_text(final.name))
             done = sorted(self._checkpoints(), key=lambda p: int(p.name.split("_")[1]))
             for old in done[:-self.cfg.checkpoint.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -441,14 +442,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_atomic(path, json.dumps(obj, indent=2))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 __all__ = ["Engine", "Frozen", "WithHead", "init_distributed", "ds_config", "lr_lambda", "all_sum", "barrier",

@@ -115,9 +115,8 @@ def pair_examples(rows: Sequence[dict], tok, max_seq_len: int) -> list[Pair]:
     return out
 
 
-def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2B, T) right-padded ids, chosen rows first then rejected, and their lengths (2B,)."""
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) right-padded ids and the lengths (N,): the layout RewardModel.forward reads."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     for k, s in enumerate(seqs):
@@ -125,4 +124,9 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, torch.tensor([len(s) for s in seqs])
 
 
-__all__ = ["RewardModel", "bradley_terry_loss", "Pair", "pair_examples", "collate_pairs"]
+def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, T) right-padded ids, chosen rows first then rejected, and their lengths (2B,)."""
+    return pad_right([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+__all__ = ["RewardModel", "bradley_terry_loss", "Pair", "pair_examples", "collate_pairs", "pad_right"]

@@ -15,12 +15,12 @@ probabilities of its top ids; `batch` returns their logs (chunked_topk_kl renorm
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write
 from .engine import barrier, rank, world_size
 from .loader import Batch, collate
 from .losses import teacher_targets
@@ -76,8 +76,8 @@ class TargetCache:
             if not ids_buf:
                 return
             name = f"shard_{rank()}_{shard}"
-            _save(root / f"{name}.ids.npy", torch.cat(ids_buf).numpy().astype(np.int32))
-            _save(root / f"{name}.probs.npy", torch.cat(probs_buf).numpy().astype(np.float16))
+            _save_npy(root / f"{name}.ids.npy", torch.cat(ids_buf).numpy().astype(np.int32))
+            _save_npy(root / f"{name}.probs.npy", torch.cat(probs_buf).numpy().astype(np.float16))
             shard, rows_in_shard, ids_buf, probs_buf = shard + 1, 0, [], []
 
         bar = progress(total=len(mine), desc="teacher targets")
@@ -109,9 +109,7 @@ class TargetCache:
             bar.update(len(group))
         flush()
         bar.close()
-        tmp = root / f"index_{rank()}.json.tmp"
-        tmp.write_text(json.dumps({str(i): v for i, v in index.items()}))
-        os.replace(tmp, root / f"index_{rank()}.json")
+        atomic_write(root / f"index_{rank()}.json", lambda tmp: tmp.write_text(json.dumps({str(i): v for i, v in index.items()})))
         barrier()
         if rank() == 0:
             manifest.write_text(json.dumps(want))  # last: its presence means the cache is complete
@@ -138,11 +136,12 @@ class TargetCache:
         return ids, (values.log() if self.topk else values)
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a path
+            np.save(f, array)
+
+    atomic_write(path, write)
 
 
 __all__ = ["TargetCache"]

@@ -175,7 +175,6 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
     member.set_dropout(settings["dropout"])
     engine = Engine(member, cfg, lr=settings["lr"], steps=w.steps, warmup_steps=min(w.steps // 10, 50), out_dir=mdir)
     start, extra = engine.resume() if cfg.resume else (0, None)
-    order_rng = random.Random(settings["seed"])
     per_step = B * world_size()
     epoch_len = max(1, len(train) // per_step)
 
@@ -186,7 +185,6 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
         first = k * per_step + rank() * B
         return [train[i] for i in order[first:first + B]]
 
-    del order_rng
     bar = progress(total=w.steps, initial=start, desc=f"warm member {m}")
     for step in range(start, w.steps):
         pairs = batch_at(step)

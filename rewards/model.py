@@ -27,17 +27,14 @@ class RewardModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
-        from posttrain.reward_model import Pair, collate_pairs
+        from posttrain.reward_model import pad_right
 
         seqs = [self.tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}]).ids
                 for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s:s + self.batch_size]
-            # collate_pairs lays out chosen rows then rejected rows; one-sided batches use chosen only
-            ids, lengths = collate_pairs([Pair(c, c) for c in chunk], self.tok.pad_id)
-            n = len(chunk)
-            scores += self.model(ids[:n].to(self.device), lengths[:n].to(self.device)).tolist()
+            ids, lengths = pad_right(seqs[s:s + self.batch_size], self.tok.pad_id)
+            scores += self.model(ids.to(self.device), lengths.to(self.device)).tolist()
         t = torch.tensor(scores) if scores else torch.zeros(1)
         self.last_metrics = {"mean": float(t.mean()), "std": float(t.std()) if len(scores) > 1 else 0.0}
         return scores
