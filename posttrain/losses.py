@@ -149,10 +149,9 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, kernel, chunk, fused, *rows):
-        ctx.fused, ctx.n_rows = fused, len(rows)
+        ctx.fused, ctx.n_rows, ctx.kernel, ctx.chunk = fused, len(rows), kernel, chunk
+        ctx.save_for_backward(hidden, weight, *rows)  # fused: only for a second backward (retain_graph)
         if not fused:
-            ctx.kernel, ctx.chunk = kernel, chunk
-            ctx.save_for_backward(hidden, weight, *rows)
             return _head_pass(hidden, weight, kernel, chunk, rows, None, False, False)[0]
         values, ctx.grad_h, ctx.grad_w = _head_pass(hidden, weight, kernel, chunk, rows, 1,
                                                     *ctx.needs_input_grad[:2])
@@ -163,11 +162,17 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, *_):
-        if ctx.fused:  # grad_out is a scalar: d(outer)/d(sum)
-            gh = None if ctx.grad_h is None else ctx.grad_h * grad_out
-            gw = None if ctx.grad_w is None else (ctx.grad_w * grad_out).to(ctx.weight_dtype)
+        if ctx.fused and not getattr(ctx, "released", False):  # grad_out is a scalar: d(outer)/d(sum)
+            # Hand the held gradients over, scaled in place, and drop the node's references:
+            # returning copies while the node still holds the originals would keep a second (V, C)
+            # buffer alive. A second backward through this node (retain_graph) recomputes below.
+            gh, gw, ctx.grad_h, ctx.grad_w, ctx.released = ctx.grad_h, ctx.grad_w, None, None, True
+            gh = None if gh is None else gh.mul_(grad_out)
+            gw = None if gw is None else gw.mul_(grad_out).to(ctx.weight_dtype)
         else:
             hidden, weight, *rows = ctx.saved_tensors
+            if ctx.fused:  # the output was the sum: every token gets the same scale
+                grad_out = grad_out.expand(hidden.shape[0])
             _, gh, gw = _head_pass(hidden, weight, ctx.kernel, ctx.chunk, rows, grad_out,
                                    *ctx.needs_input_grad[:2])
             gw = None if gw is None else gw.to(weight.dtype)
