@@ -120,14 +120,15 @@ class WithHead(nn.Module):
     Under ZeRO-3 the embedding is registered as an external parameter of this module, so it stays
     gathered for `fn` (the chunked losses) in the forward and the backward."""
 
-    def __init__(self, model: Gemma3):
+    def __init__(self, model: Gemma3, autocast: torch.dtype | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.autocast = model, autocast
 
     def forward(self, fn: Callable, ids: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None):
-        h = self.model.hidden_states(ids, positions=positions, segments=segments)
-        return fn(h, self.model.embed_tokens.weight)
+        with torch.autocast(ids.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            h = self.model.hidden_states(ids, positions=positions, segments=segments)
+            return fn(h, self.model.embed_tokens.weight)
 
 
 def _register_head(module: WithHead) -> None:
@@ -199,7 +200,11 @@ class Engine:
         backbone = model if isinstance(model, Gemma3) else getattr(model, "backbone", None)
         if backbone is not None:
             backbone.activation_checkpointing = cfg.distributed.activation_checkpointing
-        self.wrapped = WithHead(model.train()) if isinstance(model, Gemma3) else model.train()
+            if cfg.distributed.compile:
+                for block in backbone.layers:
+                    block.compile()
+        autocast = torch.bfloat16 if cfg.distributed.autocast == "bf16" else None
+        self.wrapped = WithHead(model.train(), autocast) if isinstance(model, Gemma3) else model.train()
         conf = ds_config(cfg, lr=lr, grad_accum=grad_accum or cfg.data.grad_accum)
         optimizer_holder: list = []
 

@@ -39,9 +39,15 @@ from torch.autograd.function import once_differentiable
 
 
 def _gemm_operand(weight: torch.Tensor) -> torch.Tensor:
-    """The head weight as the GEMMs use it: low precision on CUDA, else float32 (or float64)."""
-    if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and _mm_out_dtype_ok():
-        return weight
+    """The head weight as the GEMMs use it: low precision on CUDA (a float32 weight under CUDA
+    autocast is cast once per call, as autocast would cast it per GEMM), else float32 (or float64)."""
+    if weight.is_cuda and _mm_out_dtype_ok():
+        if weight.dtype in (torch.bfloat16, torch.float16):
+            return weight
+        if weight.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+            low = torch.get_autocast_dtype("cuda")
+            if low in (torch.bfloat16, torch.float16):
+                return weight.to(low)
     return weight.to(torch.promote_types(weight.dtype, torch.float32))
 
 

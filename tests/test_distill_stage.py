@@ -77,6 +77,17 @@ def test_two_ranks_zero3_match_one_rank_and_halve_the_state(tmp_path):
     assert 0.4 < ratio < 0.6, (a[3]["state_gb"], b[3]["state_gb"])
 
 
+def test_bf16_autocast_trains_close_to_float32(straight, tmp_path):
+    """distributed.autocast=bf16: the forward runs in bf16 over float32 weights (the logits of the
+    chunked loss stay float32); the curve follows float32's within bf16 rounding."""
+    train(tmp_path, "distributed.autocast=bf16")
+    mixed, full = losses(tmp_path), losses(straight)
+    assert sorted(mixed) == sorted(full)
+    for step in mixed:
+        assert mixed[step]["loss"] == pytest.approx(full[step]["loss"], rel=2e-3), step
+    assert mixed[1]["loss"] != full[1]["loss"], "autocast changed nothing: is it applied?"
+
+
 def test_resume_after_sigkill_is_exact(straight, tmp_path):
     proc = train(tmp_path, wait=False)
     ckpt = tmp_path / "smoke" / "distill" / "checkpoints" / "step_4"
