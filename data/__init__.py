@@ -7,6 +7,7 @@
 
 Names (`data.NAMES`): `arithmetic` (training problems), `arithmetic_eval` (held-out problems:
 other split, other seed), `arithmetic_pairs` (preference pairs: correct vs wrong final answer),
+`arithmetic_copy_pairs` (right working, final answer contradicting it),
 `safety_prompts` (labelled harmful and benign prompts). Each is a list of dict rows.
 """
 
@@ -24,6 +25,7 @@ BUNDLED: dict[str, Callable[[], list[dict]]] = {
     "arithmetic": _arithmetic.arithmetic,
     "arithmetic_eval": _arithmetic.arithmetic_eval,
     "arithmetic_pairs": _arithmetic.arithmetic_pairs,
+    "arithmetic_copy_pairs": _arithmetic.arithmetic_copy_pairs,
     "safety_prompts": load_safety_prompts,
 }
 NAMES = tuple(BUNDLED)

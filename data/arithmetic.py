@@ -22,7 +22,8 @@ Held-out split: every problem text belongs to exactly one split by a hash of its
 10 % of all possible problems are "eval"), so the train and eval sets are disjoint whatever
 their seeds and sizes. `arithmetic_pairs` are preference pairs (prompt, chosen, rejected) whose
 rejected solution ends in a plausible wrong answer (off by one or ten, digits swapped, wrong
-operation).
+operation); in `arithmetic_copy_pairs` the rejected working is right and only its final answer is
+wrong, a contradiction a small reward model can learn to see in a few hundred pairs.
 """
 
 from __future__ import annotations
@@ -141,16 +142,20 @@ def _wrong(r: random.Random, answer: int) -> int:
     return r.choice(candidates)
 
 
-def generate_pairs(n: int, seed: int = 0, split: Split = "train") -> list[dict]:
-    """Preference pairs: `chosen` is the worked solution, `rejected` ends in a wrong answer."""
-    r = random.Random(f"arithmetic-pairs-{seed}")
+def generate_pairs(n: int, seed: int = 0, split: Split = "train", consistent: bool = True) -> list[dict]:
+    """Preference pairs: `chosen` is the worked solution, `rejected` ends in a wrong answer.
+
+    consistent: the rejected working line shows the wrong result too (judging it takes arithmetic);
+    else the working is right and only the final `Answer:` differs from it (a copy error: judging
+    it takes comparing two numbers in the text)."""
+    r = random.Random(f"arithmetic-pairs-{seed}" + ("" if consistent else "-copy"))
     pairs = []
     for row in generate(n, seed=seed, split=split):
         right = int(row["answer"])
         wrong = _wrong(r, right)
         steps = row["solution"].rsplit(" Answer:", 1)[0]
         last = steps.rsplit("= ", 1)
-        rejected_steps = f"{last[0]}= {wrong}." if len(last) == 2 else steps
+        rejected_steps = f"{last[0]}= {wrong}." if len(last) == 2 and consistent else steps
         pairs.append({"prompt": row["prompt"], "chosen": row["solution"],
                       "rejected": f"{rejected_steps} Answer: {wrong}", "answer": row["answer"]})
     return pairs
@@ -169,3 +174,8 @@ def arithmetic_eval(n: int = 200) -> list[dict]:
 def arithmetic_pairs(n: int = 1000) -> list[dict]:
     """Preference pairs for reward-model training, from the train split."""
     return generate_pairs(n, seed=2, split="train")
+
+
+def arithmetic_copy_pairs(n: int = 1000) -> list[dict]:
+    """Preference pairs whose rejected answer contradicts its own (right) working, train split."""
+    return generate_pairs(n, seed=3, split="train", consistent=False)
