@@ -13,7 +13,6 @@ Mistakes in them print one `error: ...` line per problem (no traceback) and exit
 
 The resolved config is printed once and saved to <run_dir>/<name>/resolved_config.yaml; each
 stage writes <run_dir>/<name>/<stage>/ and, with resume=true, continues from its newest checkpoint.
-Stages not implemented yet (warm, policy) say so and the run goes on (nothing is faked).
 """
 
 from __future__ import annotations
@@ -82,13 +81,6 @@ def smoke_eval(model: Gemma3, tok, prompts: list[str], max_new_tokens: int = 16)
 
 # ----------------------------------------------------------------------------- stages
 
-def not_implemented(name: str):
-    def run(cfg: Config, models: dict, tok) -> None:
-        log(f"stage '{name}' is not implemented yet; skipping it (nothing written to "
-            f"{cfg.out_dir / name})")
-    return run
-
-
 def distill(cfg: Config, models: dict, tok) -> None:
     """SFT on the teacher's distribution (posttrain/distill.py); the next stages get the trained student."""
     from posttrain.distill import run_distill
@@ -111,6 +103,17 @@ def warm(cfg: Config, models: dict, tok) -> None:
     log(f"reward model -> {models['reward_model']}")
 
 
+def policy(cfg: Config, models: dict, tok) -> None:
+    """J-BOND and/or WARP on the student (posttrain/policy.py); the next stages get the trained policy."""
+    from posttrain.policy import run_policy
+
+    rm = models.get("reward_model") or cfg.out_dir / "warm" / "reward_model"
+    final, summary = run_policy(cfg, models["student"], tok, rm if Path(rm).exists() else None)
+    models.setdefault("summaries", {})["policy"] = summary
+    models["student"] = load_model(final, dtype=getattr(torch, cfg.model.student.dtype))
+    log(f"student <- {final}")
+
+
 def export(cfg: Config, models: dict, tok) -> None:
     """The student as an HF directory (config.json, safetensors, tokenizer) transformers loads."""
     out = Path(cfg.export.dir) if cfg.export.dir else cfg.out_dir / "export"
@@ -123,7 +126,7 @@ def export(cfg: Config, models: dict, tok) -> None:
 STAGES = {
     "distill": distill,  # posttrain/distill.py
     "warm": warm,  # posttrain/warm.py
-    "policy": not_implemented("policy"),  # posttrain/bond.py, posttrain/warp.py
+    "policy": policy,  # posttrain/policy.py (bond.py, warp.py, merge.py)
     "export": export,
 }
 

@@ -225,8 +225,32 @@ class PolicySection(Section):
     # J-BOND (BOND paper, section 5)
     beta: float = Field(0.5, ge=0, le=1, description="J-BOND mix: (1-beta) forward KL + beta backward KL")
     gamma: float = Field(0.0, ge=0, description="J-BOND weight of the extra KL(policy || anchor) term")
-    eta: float = Field(0.02, gt=0, le=1, description="J-BOND anchor EMA: anchor <- (1-eta) anchor + eta policy")
-    anchor_samples: int = Field(2, ge=2, description="J-BOND anchor samples per prompt (paper: 2)")
+    eta: float = Field(0.02, ge=0, le=1, description="J-BOND anchor EMA: anchor <- (1-eta) anchor + eta policy")
+    anchor_samples: int = Field(2, ge=2, description="J-BOND anchor samples per prompt (paper: 2); the "
+                                "quantile of each policy sample is estimated from them")
+    bon_n: int = Field(2, ge=2, description="J-BOND's N: the target is Best-of-N of the anchor (forward term: "
+                       "SFT on the best of the first N anchor samples; backward term: (N-1) x the quantile "
+                       "reward). Needs anchor_samples >= bon_n")
+    quantile: Literal["jbond", "log"] = Field("jbond", description="J-BOND quantile reward: jbond = the paper's "
+                                              "-log 16 when below every anchor sample, else 0 (2 samples); "
+                                              "log = log of the empirical quantile (any number of samples)")
+    eval_every: int = Field(0, ge=0, description="held-out evaluation (data.eval, the eval verifier) every N "
+                            "steps; 0 = before and after only")
+    eval_size: int = Field(64, ge=1, description="held-out prompts per evaluation (split over ranks)")
+    eval_verifier: str = Field("math", description="the held-out verifier, a registered reward; keep it out "
+                               "of the training rewards so reward hacking shows as the two diverging")
+    eta_sweep: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 1.0], description="WARP: LITI "
+                                   "etas at which the final merge is evaluated (the reward/KL front)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PolicySection":
+        if self.bon_n > self.anchor_samples:
+            raise ValueError(f"policy.bon_n={self.bon_n} needs policy.anchor_samples >= {self.bon_n} (the forward "
+                             f"term is the best of the first bon_n anchor samples); got {self.anchor_samples}")
+        if self.quantile == "jbond" and self.anchor_samples != 2:
+            raise ValueError(f"policy.quantile=jbond is the paper's rule for 2 anchor samples; with "
+                             f"anchor_samples={self.anchor_samples} set policy.quantile=log")
+        return self
     # WARP (WARP paper)
     warp_runs: int = Field(2, ge=1, description="M independent RL runs merged by SLERP (paper: 2)")
     warp_iterations: int = Field(2, ge=1, description="I iterations; each LITI result is the next init")

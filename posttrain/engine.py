@@ -218,6 +218,7 @@ class Engine:
         if cfg.distributed.zero_stage == 3 and isinstance(self.wrapped, WithHead):
             _register_head(self.wrapped)
         self._stop = False
+        self.resumed_rank_state: dict | None = None
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) \
             if threading_main() else None
 
@@ -308,8 +309,10 @@ class Engine:
         every = self.cfg.checkpoint.every
         return step == self.steps or (every > 0 and step % every == 0)
 
-    def save(self, step: int, extra: dict | None = None) -> Path:
-        """Write checkpoint step_<step> (all ranks call this), atomically, and prune old ones."""
+    def save(self, step: int, extra: dict | None = None, rank_state: dict | None = None) -> Path:
+        """Write checkpoint step_<step> (all ranks call this), atomically, and prune old ones.
+        rank_state: this rank's own tensors to keep with it (e.g. its part of an EMA anchor);
+        `resume` gives it back in `self.resumed_rank_state`."""
         tag, final = f"step_{step}.partial", self.ckpt_dir / f"step_{step}"
         if rank() == 0 and (self.ckpt_dir / tag).exists():
             shutil.rmtree(self.ckpt_dir / tag)
@@ -317,6 +320,8 @@ class Engine:
         client = {"step": step, "extra": extra or {}, "scheduler": self.scheduler.state_dict()}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         torch.save(_rng_state(), self.ckpt_dir / tag / f"rng_rank{rank()}.pt")
+        if rank_state is not None:
+            torch.save(rank_state, self.ckpt_dir / tag / f"state_rank{rank()}.pt")
         barrier()
         if rank() == 0:
             if final.exists():
@@ -358,6 +363,8 @@ class Engine:
         rng = path / f"rng_rank{rank()}.pt"
         if rng.exists():
             _set_rng_state(torch.load(rng, weights_only=False))
+        own = path / f"state_rank{rank()}.pt"
+        self.resumed_rank_state = torch.load(own, weights_only=True) if own.exists() else None
         return int(client["step"]), client.get("extra")
 
     # --- stopping

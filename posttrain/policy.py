@@ -1,0 +1,514 @@
+"""Stage `policy`: J-BOND, WARP, or J-BOND then WARP (DESIGN.md section 8; bond.py, warp.py, merge.py).
+
+    summary = run_policy(cfg, student, tok, reward_model_path)   # writes <run_dir>/<name>/policy/
+
+Every step, per prompt (data.prompts, `data.micro_batch_size` per rank): the policy samples with our
+KV-cached sampler on its gathered weights (one gather per rollout), the rewards of the recipe score
+the completions (rewards.from_config: weights, deadlines, fail-closed), and the loss is computed from
+sequence log-probs (chunked: never B x T x V).
+- J-BOND: `samples_per_prompt` policy samples and `anchor_samples` samples of the EMA anchor; the
+  anchor is this rank's part of the weights (ZeRO-3: its shard), swapped into the engine to sample
+  and score, then swapped out; anchor <- (1 - eta) anchor + eta policy after each step.
+- WARP: `warp_runs` runs of `steps` steps from a shared init (each with its own engine, seed and
+  prompt order, an EMA anchor with rate warp_mu), SLERP of their task vectors, LITI with liti_eta,
+  `warp_iterations` times; then the final merge is evaluated at each of `eta_sweep`.
+Held-out: `policy.eval_size` prompts of data.eval, one greedy completion each, scored by the
+`eval_verifier` (not part of the training reward) and the training reward, logged side by side:
+reward hacking shows as the training reward rising while the verifier does not.
+Checkpoints hold the engine, the anchor's shards and the prompt position: resume=true continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .bond import best_anchor, jbond_loss, quantile_reward, wins
+from .config import Config
+from .data import Example, to_messages
+from .engine import Engine, all_sum, barrier, rank, world_size, write_json_atomic
+from .errors import UserError
+from .loader import collate
+from .losses import sequence_logprobs
+from .merge import ema_
+from .model import Gemma3
+from .sampler import Sampler
+from .tracking import Tracker, progress
+from .warp import eta_sweep, warp, warp_loss
+
+
+# ----------------------------------------------------------------------------- prompts and rewards
+
+class Prompts:
+    """Tokenized prompts with their reward columns; a seeded order, this rank's share per step."""
+
+    def __init__(self, rows: list[dict], tok, key: str):
+        if not rows:
+            raise UserError(f"{key} is empty; the policy stage needs prompts")
+        self.rows = rows
+        try:
+            self.ids = [list(tok.apply_chat_template(to_messages(r, with_reply=False), add_generation_prompt=True).ids)
+                        for r in rows]
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{key}: every row needs a `prompt` (or `messages`); {e}") from None
+        self.text = [r.get("prompt") or r["messages"][-1]["content"] for r in rows]
+
+    def batch(self, step: int, size: int, seed: int) -> list[int]:
+        """This rank's `size` prompt indices for global step `step` (epochs reshuffled by seed)."""
+        per_step = size * world_size()
+        epoch_len = max(1, len(self.rows) // per_step)
+        epoch, k = divmod(step, epoch_len)
+        order = list(range(len(self.rows)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        first = k * per_step + rank() * size
+        return [order[(first + j) % len(order)] for j in range(size)]
+
+    def columns(self, idx: list[int], repeat: int) -> dict[str, list]:
+        keys = sorted({k for i in idx for k in self.rows[i]} - {"prompt", "messages", "response", "solution", "system"})
+        return {k: [self.rows[i].get(k) for i in idx for _ in range(repeat)] for k in keys}
+
+
+def score(reward, prompts: Prompts, idx: list[int], completions: list[list[str]]):
+    """Rewards (P, n) as a tensor (NaN where a reward skipped the sample) and the reward's metrics."""
+    n = len(completions[0])
+    flat = [c for row in completions for c in row]
+    texts = [prompts.text[i] for i in idx for _ in range(n)]
+    out = reward.score(texts, flat, **prompts.columns(idx, n))
+    total = torch.tensor([float("nan") if t is None else t for t in out.total]).view(len(idx), n)
+    return total, out
+
+
+# ----------------------------------------------------------------------------- rollouts and log-probs
+
+class Rollout(list):
+    """Completions' token ids, out[prompt][sample], plus `entropy`: the mean over sampled tokens of
+    -log pi(token) at temperature 1 (a per-token entropy estimate when sampling at temperature 1)."""
+
+    entropy: float = float("nan")
+
+
+def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Config, tok, seed: int,
+            temperature: float | None = None) -> Rollout:
+    p = cfg.policy
+    with engine.full_weights() as model:
+        was = model.training
+        model.eval()
+        out = Sampler(model).generate([prompts.ids[i] for i in idx], n=n, max_new_tokens=p.max_new_tokens,
+                                      temperature=p.temperature if temperature is None else temperature,
+                                      stop_token_ids=tok.stop_ids, seed=seed)
+        model.train(was)
+    result = Rollout([list(c.tokens) for c in row] for row in out)
+    lps = [lp for row in out for c in row for lp in c.logprobs]
+    result.entropy = -sum(lps) / len(lps) if lps else float("nan")
+    return result
+
+
+def seq_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: list[list[list[int]]], cfg: Config,
+                 pad_id: int, post=None):
+    """log pi(y) per completion, (P, n), through the engine (grad unless under no_grad). `post`, when
+    given, maps that tensor to a loss inside the engine's forward (ZeRO-3 keeps the head gathered)."""
+    n = len(completions[0])
+    examples = [Example(prompts.ids[i] + c, [False] * len(prompts.ids[i]) + [True] * len(c))
+                for i, row in zip(idx, completions) for c in row]
+    batch = collate(examples, [[j] for j in range(len(examples))], max(len(e.ids) for e in examples), pad_id)
+
+    def fn(h, w):
+        lp = sequence_logprobs(h, w, batch.targets.clamp_min(0), batch.loss_mask, cfg.data.loss_chunk_tokens)
+        lp = lp.sum(-1).view(len(idx), n)
+        return lp if post is None else post(lp)
+
+    return engine.module(fn, batch.ids, batch.positions, batch.segments)
+
+
+class Anchor:
+    """An EMA of the policy, held as this rank's part of each parameter (float32), swapped into the
+    engine to sample from it or score with it."""
+
+    def __init__(self, engine: Engine, state: dict | None = None):
+        self.state = state or {k: v.detach().float().clone() for k, v in engine.local_shards().items()}
+
+    @contextlib.contextmanager
+    def swapped_in(self, engine: Engine):
+        mine = {k: v.detach().clone() for k, v in engine.local_shards().items()}
+        engine.assign_local(self.state)
+        try:
+            yield
+        finally:
+            engine.assign_local(mine)
+
+    def update(self, engine: Engine, rate: float) -> None:
+        ema_(self.state, {k: v.detach() for k, v in engine.local_shards().items()}, rate)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config, tok) -> dict:
+    """Greedy completions of this rank's share of the held-out prompts: the verifier's mean (accuracy)
+    and the training reward's mean, over all ranks."""
+    if held is None:
+        return {}
+    size = min(cfg.policy.eval_size, len(held.rows))
+    mine = list(range(size))[rank()::world_size()]
+    idx = mine or [0]  # a rank with no share still takes part in the collective gathers
+    comps = rollout(engine, held, idx, 1, cfg, tok, seed=0, temperature=0.0)
+    texts = [[tok.decode(c[0], skip_special_tokens=True)] for c in comps]
+    v, _ = score(verifier, held, idx, texts)
+    r, _ = score(reward, held, idx, texts)
+    weight = 1.0 if mine else 0.0
+    sums = all_sum([float(torch.nan_to_num(v).sum()) * weight, float(torch.nan_to_num(r).sum()) * weight,
+                    float(len(idx)) * weight, float(sum(len(c[0]) for c in comps)) * weight])
+    return {"eval/verifier": sums[0] / sums[2], "eval/reward": sums[1] / sums[2], "eval/length": sums[3] / sums[2]}
+
+
+# ----------------------------------------------------------------------------- one RL step
+
+def decode(tok, comps):
+    return [[tok.decode(c, skip_special_tokens=True) for c in row] for row in comps]
+
+
+def secondary(out, like: torch.Tensor) -> torch.Tensor:
+    """The reward model's own scores (the tie-break), shaped like the rewards; NaN counts as lowest."""
+    scores = out.per_reward.get("reward_model")
+    if scores is None:
+        raise UserError("policy.tie_break=reward_model needs a reward named reward_model in `rewards` (weight 0 "
+                        "keeps it out of the sum); fix: add {name: reward_model, weight: 0.0} or set tie_break=half")
+    return torch.tensor([-1e9 if s is None else s for s in scores], dtype=torch.float64).view_as(like)
+
+
+def keep_scored(r: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+    """Prompts whose samples all have a score (a reward may skip a sample: on_error=skip)."""
+    ok = ~torch.isnan(r).any(-1)
+    for m in more:
+        ok &= ~torch.isnan(m).any(-1)
+    return ok
+
+
+def bond_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], reward, cfg: Config, tok,
+              seed: int) -> dict:
+    p, pad = cfg.policy, tok.pad_id
+    pol = rollout(engine, prompts, idx, p.samples_per_prompt, cfg, tok, seed)
+    with anchor.swapped_in(engine):
+        anc = rollout(engine, prompts, idx, p.anchor_samples, cfg, tok, seed + 1)
+        with torch.no_grad():
+            anchor_lp = seq_logprobs(engine, prompts, idx, pol, cfg, pad)
+    r_pol, out_pol = score(reward, prompts, idx, decode(tok, pol))
+    r_anc, out_anc = score(reward, prompts, idx, decode(tok, anc))
+    tb_pol = tb_anc = None
+    if p.tie_break == "reward_model":
+        tb_pol, tb_anc = secondary(out_pol, r_pol), secondary(out_anc, r_anc)
+    ok = keep_scored(r_pol, r_anc)
+    won = wins(r_pol.nan_to_num(), r_anc.nan_to_num(), tb_pol, tb_anc)
+    q = quantile_reward(won, p.anchor_samples, p.quantile)
+    best_i = best_anchor(r_anc.nan_to_num(-1e9), p.bon_n, tb_anc)
+    best = [[anc[j][int(best_i[j])]] for j in range(len(idx))]
+    global_prompts = all_sum([float(ok.sum())])[0]
+    norm = max(global_prompts, 1.0) / world_size()  # the engine averages gradients over ranks
+    stats: dict = {}
+
+    def post(lp):  # lp (P, S + 1): the policy samples, then the best anchor sample
+        loss, s = jbond_loss(lp[:, :-1][ok], anchor_lp[ok], lp[:, -1][ok], q[ok], n=p.bon_n, beta=p.beta,
+                             gamma=p.gamma, normalizer=norm)
+        stats.update(s)
+        return loss + 0.0 * lp.sum()  # every rank backpropagates, even with no scored prompt
+
+    joined = [a + b for a, b in zip(pol, best)]
+    loss = seq_logprobs(engine, prompts, idx, joined, cfg, pad, post=post)
+    engine.backward(loss)
+    info = engine.step()
+    anchor.update(engine, p.eta)
+    return {**info, **_rollout_metrics(r_pol, pol, out_pol.metrics), "loss": float(loss.detach()),
+            "anchor_reward": float(r_anc.nanmean()), **{f"bond/{k}": v for k, v in stats.items()},
+            "bond/win_rate": float((won / p.anchor_samples).mean()), "skipped_prompts": float((~ok).sum())}
+
+
+def warp_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], reward, cfg: Config, tok,
+              seed: int) -> dict:
+    p, pad = cfg.policy, tok.pad_id
+    pol = rollout(engine, prompts, idx, p.samples_per_prompt, cfg, tok, seed)
+    with anchor.swapped_in(engine), torch.no_grad():
+        anchor_lp = seq_logprobs(engine, prompts, idx, pol, cfg, pad)
+    r_pol, out_pol = score(reward, prompts, idx, decode(tok, pol))
+    ok = keep_scored(r_pol)
+    norm = max(all_sum([float(ok.sum())])[0], 1.0) / world_size()
+    stats: dict = {}
+
+    def post(lp):
+        loss, s = warp_loss(lp[ok], anchor_lp[ok], r_pol[ok], beta=p.warp_beta, normalizer=norm)
+        stats.update(s)
+        return loss + 0.0 * lp.sum()
+
+    loss = seq_logprobs(engine, prompts, idx, pol, cfg, pad, post=post)
+    engine.backward(loss)
+    info = engine.step()
+    anchor.update(engine, p.warp_mu)
+    return {**info, **_rollout_metrics(r_pol, pol, out_pol.metrics), "loss": float(loss.detach()),
+            **{f"warp/{k}": v for k, v in stats.items()}, "skipped_prompts": float((~ok).sum())}
+
+
+def _rollout_metrics(r: torch.Tensor, comps, reward_metrics: dict) -> dict:
+    lengths = [len(c) for row in comps for c in row]
+    return {"reward": float(r.nanmean()), "response_length": sum(lengths) / max(len(lengths), 1),
+            "entropy": comps.entropy, **reward_metrics}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def build_reward(cfg: Config, reward_model_path: Path | None):
+    """The recipe's rewards; a `reward_model` entry without a path gets the warm stage's model."""
+    import rewards
+
+    specs = []
+    for spec in cfg.rewards:
+        d = spec.model_dump()
+        if d["name"] == "reward_model" and "path" not in d["options"]:
+            if reward_model_path is None or not Path(reward_model_path).exists():
+                raise UserError("rewards: reward_model has no options.path and no warm stage produced one; fix: run "
+                                "the warm stage first (stages=[...,warm,policy]) or give options: {path: DIR}")
+            d["options"] = {**d["options"], "path": str(reward_model_path)}
+        specs.append(d)
+    return rewards.from_config(specs)
+
+
+def _mean_over_ranks(metrics: dict) -> dict:
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    sums = all_sum([float(metrics[k]) for k in keys])
+    return {k: v / world_size() for k, v in zip(keys, sums)}
+
+
+def _seed(cfg: Config, *key: int) -> int:
+    return hash((cfg.seed, *key, rank())) & 0xFFFFFFF
+
+
+def _save_final(engine: Engine, tok, path: Path, summary: dict) -> None:
+    with engine.full_weights() as model:
+        if rank() == 0:
+            from .checkpoint import save_pretrained
+
+            save_pretrained(model, tok, path, dtype=model.embed_tokens.weight.dtype)
+            write_json_atomic(path.parent / "summary.json", summary)
+    barrier()
+
+
+def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prompts, held, reward, verifier,
+               cfg: Config, tok, tracker: Tracker, out_dir: Path, *, start: int, before: dict, step_offset: int = 0,
+               seed_key: int = 0, log_samples: bool = True) -> dict:
+    """Steps start..policy.steps of one RL run; checkpoints (engine + anchor + eval before) as it goes."""
+    p = cfg.policy
+    bar = progress(total=p.steps, initial=start, desc=name)
+    last: dict = {}
+    for step in range(start, p.steps):
+        t0 = time.perf_counter()
+        idx = prompts.batch(step + 1000 * seed_key, cfg.data.micro_batch_size, cfg.seed + seed_key)
+        metrics = step_fn(engine, anchor, prompts, idx, reward, cfg, tok, _seed(cfg, seed_key, step))
+        metrics["step_seconds"] = time.perf_counter() - t0
+        metrics = _mean_over_ranks(metrics)
+        done = step + 1
+        if held is not None and p.eval_every and done % p.eval_every == 0 and done < p.steps:
+            metrics |= evaluate(engine, held, verifier, reward, cfg, tok)
+        if done % cfg.tracking.log_every == 0 or done == p.steps:
+            tracker.log({f"{name}/{k}": v for k, v in metrics.items()}, step=step_offset + done)
+        last = metrics
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+        stop = engine.stop_requested()
+        if (engine.should_save(done) and done < p.steps) or stop:
+            engine.save(done, extra={"before": before}, rank_state={"anchor": anchor.state})
+        if stop:
+            if rank() == 0:
+                print(f"\n{name}: SIGTERM: saved step {done} in {engine.ckpt_dir}; resume with resume=true")
+            bar.close()
+            tracker.finish()
+            engine.close()
+            raise SystemExit(0)
+    bar.close()
+    if log_samples and p.steps > start:
+        _log_samples(name, engine, prompts, reward, cfg, tok, tracker, step_offset + p.steps)
+    return last
+
+
+def _log_samples(name, engine, prompts, reward, cfg, tok, tracker, step) -> None:
+    idx = prompts.batch(0, min(4, len(prompts.rows)), cfg.seed)
+    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=_seed(cfg, 7, step))
+    texts = decode(tok, comps)
+    r, _ = score(reward, prompts, idx, texts)
+    rows = [[prompts.text[i], t[0], float(x)] for i, t, x in zip(idx, texts, r[:, 0])]
+    tracker.table(f"{name}/samples", ["prompt", "completion", "reward"], rows, step=step)
+
+
+def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path) -> dict:
+    p = cfg.policy
+    engine = Engine(student, cfg, lr=p.lr, steps=p.steps, warmup_steps=min(p.steps // 10, 50), out_dir=out_dir,
+                    grad_accum=1)  # one rollout batch per optimizer step: the anchor follows every step
+    start, extra = engine.resume() if cfg.resume else (0, None)
+    state = (engine.resumed_rank_state or {}).get("anchor")
+    anchor = Anchor(engine, state)
+    before = (extra or {}).get("before") or {}
+    if start >= p.steps and extra is not None and "summary" in extra:
+        if rank() == 0:
+            print(f"J-BOND already finished: its checkpoint is at step {start} of {p.steps}; nothing to do")
+        engine.close()
+        return extra["summary"]
+    if not before:
+        before = evaluate(engine, held, verifier, reward, cfg, tok)
+        tracker.log({f"bond/{k}": v for k, v in before.items()}, step=0)
+    last = train_loop("bond", engine, anchor, bond_step, prompts, held, reward, verifier, cfg, tok, tracker, out_dir,
+                      start=start, before=before)
+    after = evaluate(engine, held, verifier, reward, cfg, tok)
+    tracker.log({f"bond/{k}": v for k, v in after.items()}, step=p.steps)
+    summary = {"steps": p.steps, "before": before, "after": after, "last": last}
+    _save_final(engine, tok, out_dir / "final", summary)
+    engine.save(p.steps, extra={"before": before, "summary": summary}, rank_state={"anchor": anchor.state})
+    engine.close()
+    return summary
+
+
+def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path) -> dict:
+    """WARP from `base` (its weights are the first init); returns the summary, writes out_dir/final."""
+    import copy
+
+    p = cfg.policy
+    ev = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=1, warmup_steps=0, out_dir=out_dir / "eval", grad_accum=1)
+    reduce = _all_reduce_sum if world_size() > 1 else None
+
+    def run_rl(init: dict, m: int, it: int) -> dict:
+        rdir = out_dir / f"iter{it}" / f"run{m}"
+        final = rdir / f"final_rank{rank()}.pt"
+        if cfg.resume and final.exists():
+            return torch.load(final, weights_only=True)
+        engine = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=p.steps, warmup_steps=min(p.steps // 10, 50),
+                        out_dir=rdir, grad_accum=1)
+        engine.assign_local(init)
+        start, _ = engine.resume() if cfg.resume else (0, None)
+        state = (engine.resumed_rank_state or {}).get("anchor")
+        anchor = Anchor(engine, state or {k: v.float().clone() for k, v in init.items()})
+        train_loop(f"warp_i{it}_r{m}", engine, anchor, warp_step, prompts, None, reward, verifier, cfg, tok, tracker,
+                   rdir, start=start, before={}, step_offset=((it - 1) * p.warp_runs + m) * p.steps,
+                   seed_key=100 * it + m + 1, log_samples=m == 0)
+        out = {k: v.detach().clone() for k, v in engine.local_shards().items()}
+        rdir.mkdir(parents=True, exist_ok=True)
+        torch.save(out, final)
+        barrier()
+        engine.close()
+        return out
+
+    def evaluate_state(state: dict, init: dict) -> dict:
+        ev.assign_local(state)
+        metrics = evaluate(ev, held, verifier, reward, cfg, tok)
+        metrics["eval/kl_to_init"] = _kl_estimate(ev, Anchor(ev, init), held or prompts, cfg, tok)
+        return metrics
+
+    def log(row: dict) -> None:
+        tracker.log({f"warp/iter{row['iteration']}/{row['stage']}/{k}": v for k, v in row.items()
+                     if isinstance(v, float)}, step=row["iteration"] * (p.warp_runs + 1) * p.steps)
+        if rank() == 0:
+            print(f"warp iteration {row['iteration']} {row['stage']:6s}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+
+    init = {k: v.detach().clone() for k, v in ev.local_shards().items()}
+    result = warp(init, run_rl, evaluate_state, runs=p.warp_runs, iterations=p.warp_iterations,
+                  liti_eta=p.liti_eta, reduce=reduce, log=log)
+    front = eta_sweep(result.last_init, result.last_merged, p.eta_sweep, evaluate_state)
+    tracker.table("warp/eta_sweep", ["eta", "verifier", "reward", "kl_to_init"],
+                  [[r["eta"], r.get("eval/verifier"), r.get("eval/reward"), r["eval/kl_to_init"]] for r in front],
+                  step=p.warp_iterations * (p.warp_runs + 1) * p.steps)
+    ev.assign_local(result.state)
+    summary = {"history": result.history, "eta_sweep": front,
+               "before": {k: v for k, v in result.history[0].items() if k.startswith("eval/")},
+               "after": {k: v for k, v in result.history[-1].items() if k.startswith("eval/")}}
+    _save_final(ev, tok, out_dir / "final", summary)
+    if rank() == 0:
+        write_json_atomic(out_dir / "eta_sweep.json", front)
+        _plot_front(front, out_dir / "eta_sweep.png")
+    ev.close()
+    return summary
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def _kl_estimate(engine: Engine, base: Anchor, prompts: Prompts, cfg: Config, tok) -> float:
+    """KL(policy || base) estimated on one sampled completion per held-out prompt (this rank's share):
+    the mean of log pi(y) - log base(y), y ~ pi."""
+    size = min(cfg.policy.eval_size, len(prompts.rows))
+    mine = list(range(size))[rank()::world_size()]
+    idx, weight = mine or [0], float(bool(mine))
+    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=_seed(cfg, 5))
+    lp = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
+    with base.swapped_in(engine):
+        lb = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
+    total, n = all_sum([float((lp - lb).sum()) * weight, float(len(idx)) * weight])
+    return total / n
+
+
+def _plot_front(front: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([r["eval/kl_to_init"] for r in front], [r.get("eval/reward", float("nan")) for r in front], "o-")
+    for r in front:
+        ax.annotate(f"eta {r['eta']}", (r["eval/kl_to_init"], r.get("eval/reward", float("nan"))))
+    ax.set_xlabel("KL to the last init")
+    ax.set_ylabel("held-out training reward")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None = None,
+               out_dir: Path | None = None) -> tuple[Path, dict]:
+    """The policy stage; returns (the final policy's HF directory, the summary)."""
+    from .distill import load_split
+
+    p, out_dir = cfg.policy, Path(out_dir or cfg.out_dir / "policy")
+    if cfg.data.prompts is None:
+        raise UserError("stage 'policy' needs data.prompts (rows with a prompt and the columns its rewards read, "
+                        "e.g. the bundled 'arithmetic')")
+    if not cfg.rewards:
+        raise UserError("stage 'policy' needs at least one entry in `rewards`")
+    prompts = Prompts(load_split(cfg.data.prompts, "data.prompts"), tok, "data.prompts")
+    held = Prompts(load_split(cfg.data.eval, "data.eval"), tok, "data.eval") if cfg.data.eval else None
+    reward = build_reward(cfg, reward_model_path)
+    import rewards
+
+    verifier = rewards.from_config([{"name": p.eval_verifier}])
+    tracker = Tracker(cfg.tracking, out_dir, config=cfg.model_dump(), name=f"{cfg.name}-policy", group=cfg.name)
+    summary: dict = {"algorithm": p.algorithm}
+    final = None
+    if p.algorithm in ("bond", "bond_then_warp"):
+        summary["bond"] = run_bond(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "bond")
+        final = out_dir / "bond" / "final"
+    if p.algorithm in ("warp", "bond_then_warp"):
+        if final is not None:
+            from .checkpoint import load_model
+
+            student = load_model(final, dtype=student.embed_tokens.weight.dtype)
+        summary["warp"] = run_warp(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "warp")
+        final = out_dir / "warp" / "final"
+    tracker.finish()
+    if rank() == 0:
+        write_json_atomic(out_dir / "summary.json", summary)
+        for part in ("bond", "warp"):
+            if part in summary and summary[part].get("after"):
+                b, a = summary[part]["before"], summary[part]["after"]
+                print(f"policy/{part}: held-out {p.eval_verifier} {b.get('eval/verifier', float('nan')):.3f} -> "
+                      f"{a.get('eval/verifier', float('nan')):.3f}, training reward "
+                      f"{b.get('eval/reward', float('nan')):.3f} -> {a.get('eval/reward', float('nan')):.3f}")
+    return final, summary
+
+
+__all__ = ["run_policy", "Anchor", "Prompts", "bond_step", "warp_step", "evaluate"]
