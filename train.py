@@ -87,7 +87,7 @@ def distill(cfg: Config, models: dict, tok) -> None:
 
     if "teacher" not in models:
         raise UserError("stage 'distill' needs model.teacher")
-    run_distill(cfg, models["student"], models["teacher"], tok)
+    models.setdefault("summaries", {})["distill"] = run_distill(cfg, models["student"], models["teacher"], tok)
     final = cfg.out_dir / "distill" / "final"
     models["student"] = load_model(final, dtype=getattr(torch, cfg.model.student.dtype))
     del models["teacher"]  # frees its memory for the next stages
@@ -98,7 +98,7 @@ def warm(cfg: Config, models: dict, tok) -> None:
     """Reward models from the student, weight-averaged (posttrain/warm.py); the policy stage reads it."""
     from posttrain.warm import run_warm
 
-    run_warm(cfg, models["student"], tok)
+    models.setdefault("summaries", {})["warm"] = run_warm(cfg, models["student"], tok)
     models["reward_model"] = cfg.out_dir / "warm" / "reward_model"
     log(f"reward model -> {models['reward_model']}")
 
@@ -120,6 +120,30 @@ def export(cfg: Config, models: dict, tok) -> None:
     if RANK == 0:
         save_pretrained(models["student"], tok, out, dtype=getattr(torch, cfg.export.dtype))
     log(f"exported the student to {out} ({cfg.export.dtype})")
+
+
+def summary_table(summaries: dict) -> str:
+    """Per stage, the held-out metrics before -> after (WARM: the accuracy table)."""
+    lines = ["summary (held-out)", f"  {'stage':14s} {'metric':22s} {'before':>8s} {'after':>8s}"]
+
+    def rows(stage: str, before: dict, after: dict) -> None:
+        for key in sorted(set(before) | set(after)):
+            b, a = before.get(key), after.get(key)
+            if isinstance(a, (int, float)) and key != "eval/tokens":
+                lines.append(f"  {stage:14s} {key:22s} {'-' if b is None else f'{b:.4f}':>8s} {a:8.4f}")
+
+    if "distill" in summaries:
+        rows("distill", summaries["distill"].get("before", {}), summaries["distill"].get("after", {}))
+    if "warm" in summaries:
+        w = summaries["warm"]
+        for key in ("probe_accuracy", "mean_member_accuracy", "ens_accuracy", "warm_accuracy"):
+            if isinstance(w.get(key), float):
+                lines.append(f"  {'warm':14s} {key:22s} {'':>8s} {w[key]:8.4f}")
+    for part in ("bond", "warp"):
+        s = summaries.get("policy", {}).get(part)
+        if s:
+            rows(f"policy/{part}", s.get("before", {}), s.get("after", {}))
+    return "\n".join(lines)
 
 
 # Each stage takes (cfg, models, tokenizer) and writes <run_dir>/<name>/<stage>/.
@@ -185,6 +209,13 @@ def run(argv: list[str]) -> int:
     for name in cfg.stages:
         log(f"\n== stage {name}")
         STAGES[name](cfg, models, tok)
+    summaries = models.get("summaries", {})
+    if summaries:
+        log("\n" + summary_table(summaries))
+        if RANK == 0:
+            from posttrain.engine import write_json_atomic
+
+            write_json_atomic(cfg.out_dir / "summary.json", summaries)
     log(f"\ndone: {cfg.out_dir}")
     return 0
 

@@ -8,7 +8,8 @@
 Names (`data.NAMES`): `arithmetic` (training problems), `arithmetic_eval` (held-out problems:
 other split, other seed), `arithmetic_pairs` (preference pairs: correct vs wrong final answer),
 `arithmetic_copy_pairs` (right working, final answer contradicting it),
-`safety_prompts` (labelled harmful and benign prompts). Each is a list of dict rows.
+`safety_prompts` (labelled harmful and benign prompts), `demo_prompts` (the arithmetic problems
+with the safety prompts spread among them: the demo's policy prompts). Each is a list of dict rows.
 """
 
 from __future__ import annotations
@@ -21,12 +22,26 @@ from posttrain.errors import UserError
 from . import arithmetic as _arithmetic
 from .safety import load_safety_prompts
 
+def demo_prompts() -> list[dict]:
+    """Policy prompts for the demo: the arithmetic problems (math reward, `answer`) with the labelled
+    safety prompts (safety reward, `harmful`/`category`) spread evenly among them."""
+    math_rows, safety_rows = _arithmetic.arithmetic(), load_safety_prompts()
+    every = max(1, len(math_rows) // len(safety_rows))
+    out = []
+    for i, row in enumerate(math_rows):
+        out.append(row)
+        if i % every == every - 1 and i // every < len(safety_rows):
+            out.append(safety_rows[i // every])
+    return out
+
+
 BUNDLED: dict[str, Callable[[], list[dict]]] = {
     "arithmetic": _arithmetic.arithmetic,
     "arithmetic_eval": _arithmetic.arithmetic_eval,
     "arithmetic_pairs": _arithmetic.arithmetic_pairs,
     "arithmetic_copy_pairs": _arithmetic.arithmetic_copy_pairs,
     "safety_prompts": load_safety_prompts,
+    "demo_prompts": demo_prompts,
 }
 NAMES = tuple(BUNDLED)
 
