@@ -240,10 +240,15 @@ class Engine:
         return {name: (p.ds_tensor if _sharded(p) else p.data) for name, p in self.wrapped.named_parameters()}
 
     @torch.no_grad()
-    def assign_local(self, shards: dict[str, torch.Tensor]) -> None:
+    def assign_local(self, shards: dict[str, torch.Tensor], *, refresh_master: bool = True) -> None:
         """Write new values into the parts of the parameters this rank holds (local_shards' layout).
         Under ZeRO-3, parameters small enough to stay whole on every rank (persistent) also get their
-        whole value rebuilt from the ranks' new parts, so the next forward sees the change."""
+        whole value rebuilt from the ranks' new parts, so the next forward sees the change.
+
+        refresh_master: also copy them into the optimizer's float32 master weights (ZeRO 1-3 keep
+        their own), so training continues from the new values. A temporary swap that puts the old
+        values back before the next step (the EMA anchor) passes False: a bf16 round trip through
+        the master copy would lose its low bits."""
         for name, p in self.wrapped.named_parameters():
             if not _sharded(p):
                 p.data.copy_(shards[name])
@@ -253,6 +258,9 @@ class Engine:
                 parts = [torch.empty_like(p.ds_tensor) for _ in range(world_size())]
                 dist.all_gather(parts, p.ds_tensor)
                 p.data.copy_(torch.cat(parts)[:p.ds_numel].view(p.data.shape))
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh_master and refresh is not None:
+            refresh()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

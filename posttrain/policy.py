@@ -135,11 +135,11 @@ class Anchor:
     @contextlib.contextmanager
     def swapped_in(self, engine: Engine):
         mine = {k: v.detach().clone() for k, v in engine.local_shards().items()}
-        engine.assign_local(self.state)
+        engine.assign_local(self.state, refresh_master=False)
         try:
             yield
         finally:
-            engine.assign_local(mine)
+            engine.assign_local(mine, refresh_master=False)
 
     def update(self, engine: Engine, rate: float) -> None:
         ema_(self.state, {k: v.detach() for k, v in engine.local_shards().items()}, rate)
