@@ -199,6 +199,8 @@ class WarmSection(Section):
                               "when data.eval_preferences is not set")
     label_noise: float = Field(0.0, ge=0, lt=0.5, description="share of training pairs whose labels are "
                                "flipped (the paper's robustness experiment: 0.25)")
+    max_pairs: Optional[int] = Field(None, ge=2, description="use a seeded subset of at most this many pairs of "
+                                     "data.preferences (before the held-out split); null = all")
     save_members: bool = Field(False, description="also save each member as a reward model directory "
                                "(member_<m>/reward_model)")
 

@@ -276,9 +276,17 @@ def build_reward(cfg: Config, reward_model_path: Path | None):
 
 
 def _mean_over_ranks(metrics: dict) -> dict:
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-    sums = all_sum([float(metrics[k]) for k in keys])
-    return {k: v / world_size() for k, v in zip(keys, sums)}
+    """Each number averaged over the ranks that report it: ranks can differ in keys (a reward's
+    sub-metrics, such as per-category refusal rates, exist only where the batch had such prompts)."""
+    mine = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if world_size() == 1:
+        return mine
+    import torch.distributed as dist
+
+    every: list = [None] * world_size()
+    dist.all_gather_object(every, mine)
+    keys = sorted({k for m in every for k in m})
+    return {k: sum(m[k] for m in every if k in m) / sum(k in m for m in every) for k in keys}
 
 
 def _seed(cfg: Config, *key: int) -> int:

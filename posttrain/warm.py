@@ -235,7 +235,10 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
                         "message lists), e.g. data.preferences=arithmetic_pairs")
     from .distill import load_split
 
-    pairs = pair_examples(load_split(data_cfg.preferences, "data.preferences"), tok, data_cfg.max_seq_len)
+    rows = load_split(data_cfg.preferences, "data.preferences")
+    if w.max_pairs is not None and len(rows) > w.max_pairs:
+        rows = random.Random(cfg.seed).sample(rows, w.max_pairs)  # a seeded subset, before the held-out split
+    pairs = pair_examples(rows, tok, data_cfg.max_seq_len)
     if data_cfg.eval_preferences:
         train, held = pairs, pair_examples(load_split(data_cfg.eval_preferences, "data.eval_preferences"), tok,
                                            data_cfg.max_seq_len)

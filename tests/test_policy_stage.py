@@ -2,7 +2,8 @@
 
 - J-BOND on 2 ranks with ZeRO-3: killed with SIGKILL after a checkpoint and resumed, it gives the
   same per-step losses and rewards and bit-identical final weights as a straight run (the EMA
-  anchor's shards, the sampler seeds and the prompt order are part of the checkpoint);
+  anchor's shards, the sampler seeds and the prompt order are part of the checkpoint); the ranks'
+  metrics differ in keys (safety sub-metrics of the prompts each rank drew) and are still merged;
 - WARP reports every stage of every iteration (init, each run, SLERP, LITI) and the eta sweep;
 - missing inputs fail with one clear error line.
 The model is the smoke recipe's tiny random Gemma 3; the reward is the brevity reward of
@@ -26,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 BASE = ["recipe=smoke", "stages=[policy]", f"policy.steps={STEPS}", "policy.eval_size=4", "checkpoint.every=2",
         "rewards=[{name: examples/my_reward.py:brevity, options: {max_chars: 20}}]", "tracking.log_every=1"]
+# the safety reward's sub-metrics (per-category refusal rates) differ between the ranks' batches
+SAFETY = ["data.prompts=safety_prompts", "rewards=[{name: examples/my_reward.py:brevity, options: {max_chars: 20}}, "
+          "{name: safety, weight: 0.1, on_error: zero}]"]
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1, wait: bool = True, timeout: float = 400):
@@ -52,12 +56,13 @@ def records(run_dir: Path, prefix: str) -> dict[int, dict]:
 
 def test_bond_two_ranks_zero3_resume_after_sigkill_is_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    zero3 = ["distributed.zero_stage=3"]
+    zero3 = ["distributed.zero_stage=3", *SAFETY]
     res = train(straight, *zero3, ranks=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a = records(straight, "bond")
     assert sorted(a) == list(range(1, STEPS + 1))
     assert len({a[s]["bond/reward"] for s in a}) > 1  # the reward varies: the test is not vacuous
+    assert any(k.startswith("bond/reward/safety/") and k.endswith("/refusal_rate") for s in a for k in a[s])
 
     proc = train(killed, *zero3, ranks=2, wait=False)
     ckpt = killed / "smoke" / "policy" / "bond" / "checkpoints" / "step_2"
