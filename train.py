@@ -143,7 +143,7 @@ def summary_table(summaries: dict) -> str:
         s = summaries.get("policy", {}).get(part)
         if s:
             rows(f"policy/{part}", s.get("before", {}), s.get("after", {}))
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""  # no held-out metrics: no table
 
 
 # Each stage takes (cfg, models, tokenizer) and writes <run_dir>/<name>/<stage>/.
@@ -211,7 +211,8 @@ def run(argv: list[str]) -> int:
         STAGES[name](cfg, models, tok)
     summaries = models.get("summaries", {})
     if summaries:
-        log("\n" + summary_table(summaries))
+        if table := summary_table(summaries):
+            log("\n" + table)
         if RANK == 0:
             from posttrain.engine import write_json_atomic
 
