@@ -30,7 +30,7 @@ import torch
 
 from .config import Config
 from .data import Example, load_rows, to_messages, validate_rows
-from .engine import Engine, Frozen, all_sum, rank, world_size, write_json_atomic
+from .engine import Engine, Frozen, all_sum, rank, world_size
 from .errors import UserError
 from .loader import Batch, DataLoader, collate
 from .losses import chunked_sampled_distillation, chunked_topk_kl, distill_metrics, teacher_targets
@@ -312,13 +312,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         tracker.log(after, step=d.steps)
     summary = {"steps": d.steps, "method": d.method, "final_loss": last.get("loss"),
                "before": before, "after": after}
-    final = out_dir / "final"
-    with engine.full_weights() as model:
-        if rank() == 0:
-            from .checkpoint import save_pretrained
-
-            save_pretrained(model, tok, final, dtype=model.embed_tokens.weight.dtype)
-            write_json_atomic(summary_path, summary)
+    engine.export_final(tok, out_dir / "final", summary)  # also writes summary_path
     engine.save(d.steps, extra={"loader": loader.state_dict(), "before": before, "summary": summary})
     if rank() == 0 and after:
         print(f"distill: held-out after {d.steps} steps: KL {before['eval/kl']:.4f} -> {after['eval/kl']:.4f}, "

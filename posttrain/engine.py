@@ -285,6 +285,17 @@ class Engine:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield self.model
 
+    def export_final(self, tok, path: Path, summary: dict) -> None:
+        """The trained model as an HF directory at `path` and the stage's summary beside it
+        (path.parent / summary.json), written by rank 0 from the gathered weights."""
+        with self.full_weights() as model:
+            if rank() == 0:
+                from .checkpoint import save_pretrained
+
+                save_pretrained(model, tok, path, dtype=model.embed_tokens.weight.dtype)
+                write_json_atomic(path.parent / "summary.json", summary)
+        barrier()
+
     def held_state_bytes(self) -> int:
         """Bytes of parameters, gradients and optimizer states this rank holds (each storage once)."""
         seen: dict[int, int] = {}

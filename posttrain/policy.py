@@ -21,7 +21,6 @@ Checkpoints hold the engine, the anchor's shards and the prompt position: resume
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from pathlib import Path
@@ -293,16 +292,6 @@ def _seed(cfg: Config, *key: int) -> int:
     return hash((cfg.seed, *key, rank())) & 0xFFFFFFF
 
 
-def _save_final(engine: Engine, tok, path: Path, summary: dict) -> None:
-    with engine.full_weights() as model:
-        if rank() == 0:
-            from .checkpoint import save_pretrained
-
-            save_pretrained(model, tok, path, dtype=model.embed_tokens.weight.dtype)
-            write_json_atomic(path.parent / "summary.json", summary)
-    barrier()
-
-
 def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prompts, held, reward, verifier,
                cfg: Config, tok, tracker: Tracker, out_dir: Path, *, start: int, before: dict, step_offset: int = 0,
                seed_key: int = 0, log_samples: bool = True) -> dict:
@@ -370,7 +359,7 @@ def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier,
     after = evaluate(engine, held, verifier, reward, cfg, tok)
     tracker.log({f"bond/{k}": v for k, v in after.items()}, step=p.steps)
     summary = {"steps": p.steps, "before": before, "after": after, "last": last}
-    _save_final(engine, tok, out_dir / "final", summary)
+    engine.export_final(tok, out_dir / "final", summary)
     engine.save(p.steps, extra={"before": before, "summary": summary}, rank_state={"anchor": anchor.state})
     engine.close()
     return summary
@@ -429,7 +418,7 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
     summary = {"history": result.history, "eta_sweep": front,
                "before": {k: v for k, v in result.history[0].items() if k.startswith("eval/")},
                "after": {k: v for k, v in result.history[-1].items() if k.startswith("eval/")}}
-    _save_final(ev, tok, out_dir / "final", summary)
+    ev.export_final(tok, out_dir / "final", summary)
     if rank() == 0:
         write_json_atomic(out_dir / "eta_sweep.json", front)
         _plot_front(front, out_dir / "eta_sweep.png")

@@ -11,15 +11,13 @@ The model is the smoke recipe's tiny random Gemma 3 (17M parameters, most of the
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from launch import train_py
 from safetensors.torch import load_file
 
 from posttrain.tracking import offline_history
@@ -31,15 +29,9 @@ BASE = ["recipe=smoke", "stages=[distill]", f"distill.steps={STEPS}", "distill.w
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1, timeout: float = 300, wait: bool = True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"] if ranks > 1 \
-        else [sys.executable]
-    cmd = [*launcher, str(ROOT / "train.py"), *BASE, f"run_dir={run_dir}", *overrides]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = train_py([*BASE, f"run_dir={run_dir}", *overrides], ranks=ranks, wait=wait, timeout=timeout)
+    if wait:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
 

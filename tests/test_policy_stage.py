@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from launch import train_py
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,16 +32,7 @@ SAFETY = ["data.prompts=safety_prompts", "rewards=[{name: examples/my_reward.py:
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1, wait: bool = True, timeout: float = 400):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"] if ranks > 1 \
-        else [sys.executable]
-    cmd = [*launcher, str(ROOT / "train.py"), *BASE, f"run_dir={run_dir}", *overrides]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return res
+    return train_py([*BASE, f"run_dir={run_dir}", *overrides], ranks=ranks, wait=wait, timeout=timeout)
 
 
 def records(run_dir: Path, prefix: str) -> dict[int, dict]:
