@@ -32,6 +32,7 @@ import torch
 from .config import Config
 from .engine import Engine, all_sum, barrier, rank, world_size, write_json_atomic
 from .errors import UserError
+from .merge import lerp
 from .model import Gemma3
 from .reward_model import Pair, RewardModel, bradley_terry_loss, collate_pairs, pair_examples
 from .tracking import Tracker, progress
@@ -275,11 +276,15 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
              "held_out_pairs": len(held), "label_noise": w.label_noise}
     # connectivity: accuracy along the line between members 0 and 1
     if len(members) >= 2:
+        known = {0.0: results[0]["accuracy"], 1.0: results[1]["accuracy"]}  # the endpoints are members 0 and 1
+        if len(members) == 2:
+            known[0.5] = table["warm_accuracy"]  # and with two members the midpoint is WARM itself
         path = []
         for lam in LAMBDAS:
-            mix = {k: (1 - lam) * members[0]["shards"][k].double() + lam * members[1]["shards"][k].double()
-                   for k in members[0]["shards"]}
-            _assign(engine, {k: v.to(members[0]["shards"][k].dtype) for k, v in mix.items()})
+            if lam in known:
+                path.append(known[lam])
+                continue
+            _assign(engine, lerp(members[0]["shards"], members[1]["shards"], lam))
             path.append(accuracy(margins(engine.module, held, pad, B)))
         table["path_lambdas"], table["path_accuracy"] = list(LAMBDAS), path
         _assign(engine, average_shards(members))

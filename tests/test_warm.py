@@ -80,8 +80,11 @@ def test_summary_reports_members_ens_warm_and_the_path(two_rank_run):
     assert s["member_accuracy"] == [r["accuracy"] for r in results]
     assert {r["lr"] for r in results} == {1e-5, 4e-5, 1e-4} and {r["dropout"] for r in results} == {0.05, 0.1}
     assert s["path_lambdas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    # the path's ends are members 0 and 1 themselves
+    # the path's ends are members 0 and 1 (reused, not re-evaluated); the 3 mixes between them are evaluated
+    # on the held-out pairs: each is a count of them over their number
     assert s["path_accuracy"][0] == results[0]["accuracy"] and s["path_accuracy"][-1] == results[1]["accuracy"]
+    for acc in s["path_accuracy"][1:-1]:
+        assert 0 <= acc <= 1 and abs(acc * s["held_out_pairs"] - round(acc * s["held_out_pairs"])) < 1e-9
     assert 0 <= s["warm_accuracy"] <= 1 and 0 <= s["ens_accuracy"] <= 1
     assert 0 <= s["probe_accuracy"] <= 1  # the shared init, before any member trained
     assert "warm: held-out accuracy: linear probe (the shared init)" in stdout and "; members " in stdout
