@@ -104,6 +104,10 @@ class ModelSection(Section):
     tokenizer: Optional[str] = Field(
         None, description="tokenizer source (HF directory, .gguf, or 'gemma3-270m'); null = the student's "
         "source, else the embedded Gemma 3 tokenizer (all Gemma 3 sizes share it)")
+    freeze_embeddings: bool = Field(
+        False, description="keep the student's tied embedding (which is also its output head) as loaded in "
+        "every trained stage (distill, warm's reward models, policy): no gradient, no Adam state, nothing "
+        "to all-reduce for it. On the 270M that is 168M of its 268M parameters")
 
 
 class DistributedSection(Section):
@@ -168,6 +172,10 @@ class DistillSection(Section):
     teacher_context: Optional[str] = Field(
         None, description="context distillation: text (or a path to a .txt file) put before each prompt "
         "the teacher sees but not the student, e.g. worked examples")
+    label_weight: float = Field(0.0, ge=0, le=1, description="method=sampled: share w of the data's own next "
+                                "token in each target, loss = (1 - w) distillation + w cross-entropy on the "
+                                "label (Hinton et al.'s soft/hard mix); 0 = the report's pure distillation. "
+                                "Teaches what the teacher cannot, e.g. <end_of_turn> from a pretrained teacher")
     steps: int = Field(1000, ge=0, description="optimizer steps")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps, then cosine decay")
@@ -178,6 +186,14 @@ class DistillSection(Section):
     eval_every: int = Field(50, ge=0, description="steps between held-out evaluations (teacher-student KL, "
                             "top-1 agreement on data.eval); 0 = only before and after")
     eval_batches: int = Field(8, ge=1, description="held-out batches per evaluation (per rank)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillSection":
+        if self.label_weight > 0 and self.method != "sampled":
+            raise ValueError(f"distill.label_weight={self.label_weight} needs method=sampled (got {self.method}: "
+                             "topk targets are log-probs, on_policy labels are the student's own samples); "
+                             "fix: set distill.method=sampled or distill.label_weight=0")
+        return self
 
 
 class WarmSection(Section):
@@ -220,6 +236,9 @@ class PolicySection(Section):
     lr: float = Field(1e-6, gt=0, description="learning rate (AdamW)")
     max_new_tokens: int = Field(256, ge=1, description="rollout length cap")
     temperature: float = Field(1.0, ge=0, description="rollout sampling temperature (0 = greedy)")
+    stop: list[str] = Field(default_factory=list, description="stop strings besides <end_of_turn> and <eos>, for "
+                            "rollouts and evaluation: generation stops at the first token whose text contains one "
+                            "(matched within a token, not across tokens), e.g. [\"\\n\"] for one-line answers")
     samples_per_prompt: int = Field(2, ge=2, description="WARP: completions per prompt (leave-one-out baseline)")
     tie_break: Literal["half", "reward_model"] = Field(
         "half", description="J-BOND ties between rewards (0/1 verifiers): count as half a win, or break "
@@ -239,6 +258,10 @@ class PolicySection(Section):
     eval_every: int = Field(0, ge=0, description="held-out evaluation (data.eval, the eval verifier) every N "
                             "steps; 0 = before and after only")
     eval_size: int = Field(64, ge=1, description="held-out prompts per evaluation (split over ranks)")
+    eval_temperature: float = Field(0.0, ge=0, description="held-out sampling temperature: 0 = one greedy "
+                                    "completion per prompt; above 0, eval_samples completions per prompt and the "
+                                    "mean of their scores (pass@1 estimated from k samples, as in DeepSeek-R1)")
+    eval_samples: int = Field(1, ge=1, description="completions per held-out prompt when eval_temperature > 0")
     eval_verifier: str = Field("math", description="the held-out verifier, a registered reward; keep it out "
                                "of the training rewards so reward hacking shows as the two diverging")
     eta_sweep: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 1.0], description="WARP: LITI "
@@ -249,6 +272,11 @@ class PolicySection(Section):
         if self.bon_n > self.anchor_samples:
             raise ValueError(f"policy.bon_n={self.bon_n} needs policy.anchor_samples >= {self.bon_n} (the forward "
                              f"term is the best of the first bon_n anchor samples); got {self.anchor_samples}")
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            raise ValueError(f"policy.eval_samples={self.eval_samples} needs policy.eval_temperature > 0 (greedy "
+                             "completions are all the same); fix: set eval_temperature (e.g. 0.7) or eval_samples=1")
+        if "" in self.stop:
+            raise ValueError("policy.stop holds an empty string, which every token contains; remove it")
         if self.quantile == "jbond" and self.anchor_samples != 2:
             raise ValueError(f"policy.quantile=jbond is the paper's rule for 2 anchor samples; with "
                              f"anchor_samples={self.anchor_samples} set policy.quantile=log")

@@ -123,9 +123,22 @@ def targets_for(teacher: Frozen, batch: Batch, cfg: Config, generator: torch.Gen
     return teacher(head, batch.ids, batch.positions, batch.segments)
 
 
+def with_labels(ids: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, weight: float):
+    """Sampled targets (n, K) with the label as one more column: (1 - weight) of each token's mass on the
+    teacher's renormalised samples, `weight` on the label. The soft cross-entropy over these K + 1 columns is
+    (1 - weight) x the distillation loss + weight x the label's cross-entropy, in the same head pass."""
+    q = probs.float() / probs.float().sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return (torch.cat([ids.long(), labels.long()[:, None]], -1),
+            torch.cat([q * (1 - weight), q.new_full((q.shape[0], 1), weight)], -1))
+
+
 def student_loss(cfg: Config, batch: Batch, ids: torch.Tensor, values: torch.Tensor, normalizer: float):
     """fn(hidden, weight) for the engine: the distillation loss over the batch's loss positions."""
     chunk = cfg.data.loss_chunk_tokens
+
+    w_label = cfg.distill.label_weight
+    if w_label > 0 and cfg.distill.method == "sampled":
+        ids, values = with_labels(ids, values, batch.targets[batch.loss_mask], w_label)
 
     def fn(h, w):
         h = h[batch.loss_mask]

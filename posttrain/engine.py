@@ -198,6 +198,8 @@ class Engine:
         self.cfg, self.steps, self.out_dir = cfg, steps, Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         backbone = model if isinstance(model, Gemma3) else getattr(model, "backbone", None)
+        if backbone is not None and cfg.model.freeze_embeddings:
+            backbone.embed_tokens.weight.requires_grad_(False)
         if backbone is not None:
             backbone.activation_checkpointing = cfg.distributed.activation_checkpointing
             if cfg.distributed.compile:

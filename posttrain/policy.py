@@ -86,9 +86,16 @@ def score(reward, prompts: Prompts, idx: list[int], completions: list[list[str]]
 
 class Rollout(list):
     """Completions' token ids, out[prompt][sample], plus `entropy`: the mean over sampled tokens of
-    -log pi(token) at temperature 1 (a per-token entropy estimate when sampling at temperature 1)."""
+    -log pi(token) at temperature 1 (a per-token entropy estimate when sampling at temperature 1), and
+    `stopped`: the share of completions that ended on a stop token rather than at max_new_tokens."""
 
     entropy: float = float("nan")
+    stopped: float = float("nan")
+
+
+def stop_ids(cfg: Config, tok) -> tuple[int, ...]:
+    """<eos>, <end_of_turn> and every token holding one of policy.stop."""
+    return tuple(tok.stop_ids) + tok.ids_containing(cfg.policy.stop)
 
 
 def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Config, tok, seed: int,
@@ -99,11 +106,13 @@ def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Confi
         model.eval()
         out = Sampler(model).generate([prompts.ids[i] for i in idx], n=n, max_new_tokens=p.max_new_tokens,
                                       temperature=p.temperature if temperature is None else temperature,
-                                      stop_token_ids=tok.stop_ids, seed=seed)
+                                      stop_token_ids=stop_ids(cfg, tok), seed=seed)
         model.train(was)
     result = Rollout([list(c.tokens) for c in row] for row in out)
     lps = [lp for row in out for c in row for lp in c.logprobs]
     result.entropy = -sum(lps) / len(lps) if lps else float("nan")
+    finished = [c.finish_reason == "stop" for row in out for c in row]
+    result.stopped = sum(finished) / len(finished)
     return result
 
 
@@ -148,21 +157,27 @@ class Anchor:
 
 @torch.no_grad()
 def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config, tok) -> dict:
-    """Greedy completions of this rank's share of the held-out prompts: the verifier's mean (accuracy)
-    and the training reward's mean, over all ranks."""
+    """Completions of this rank's share of the held-out prompts (greedy, or policy.eval_samples at
+    policy.eval_temperature, always with the same seed): the verifier's mean (accuracy; with samples, pass@1
+    estimated from them), the training reward's mean, the mean length and the share that stopped, over all ranks."""
     if held is None:
         return {}
-    size = min(cfg.policy.eval_size, len(held.rows))
+    p = cfg.policy
+    size = min(p.eval_size, len(held.rows))
     mine = list(range(size))[rank()::world_size()]
     idx = mine or [0]  # a rank with no share still takes part in the collective gathers
-    comps = rollout(engine, held, idx, 1, cfg, tok, seed=0, temperature=0.0)
-    texts = [[tok.decode(c[0], skip_special_tokens=True)] for c in comps]
+    k = p.eval_samples if p.eval_temperature > 0 else 1
+    comps = rollout(engine, held, idx, k, cfg, tok, seed=0, temperature=p.eval_temperature)
+    texts = decode(tok, comps)
     v, _ = score(verifier, held, idx, texts)
     r, _ = score(reward, held, idx, texts)
     weight = 1.0 if mine else 0.0
+    n = len(idx) * k
     sums = all_sum([float(torch.nan_to_num(v).sum()) * weight, float(torch.nan_to_num(r).sum()) * weight,
-                    float(len(idx)) * weight, float(sum(len(c[0]) for c in comps)) * weight])
-    return {"eval/verifier": sums[0] / sums[2], "eval/reward": sums[1] / sums[2], "eval/length": sums[3] / sums[2]}
+                    float(n) * weight, float(sum(len(c) for row in comps for c in row)) * weight,
+                    comps.stopped * n * weight])
+    return {"eval/verifier": sums[0] / sums[2], "eval/reward": sums[1] / sums[2], "eval/length": sums[3] / sums[2],
+            "eval/stopped": sums[4] / sums[2]}
 
 
 # ----------------------------------------------------------------------------- one RL step
@@ -253,7 +268,7 @@ def warp_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], 
 def _rollout_metrics(r: torch.Tensor, comps, reward_metrics: dict) -> dict:
     lengths = [len(c) for row in comps for c in row]
     return {"reward": float(r.nanmean()), "response_length": sum(lengths) / max(len(lengths), 1),
-            "entropy": comps.entropy, **reward_metrics}
+            "entropy": comps.entropy, "stopped": comps.stopped, **reward_metrics}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -365,11 +380,34 @@ def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier,
     return summary
 
 
-def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path) -> dict:
-    """WARP from `base` (its weights are the first init); returns the summary, writes out_dir/final."""
+def warp_steps(cfg: Config, first: int = 0):
+    """The tracker's step for each WARP record, increasing through the stage (wandb drops a record whose
+    step is below one already logged): iteration `it` spans [block(it), block(it + 1)]; its init is logged
+    at the start, run m's steps follow (block + m * steps + 1 ...), run m's evaluation at its last step,
+    SLERP and LITI one step after the last run. `first`: the steps already used (J-BOND's, before WARP)."""
+    p = cfg.policy
+
+    def block(it: int) -> int:
+        return first + (it - 1) * (p.warp_runs * p.steps + 1)
+
+    def stage(it: int, name: str) -> int:
+        if name == "init":
+            return block(it)
+        if name.startswith("run_"):
+            return block(it) + (int(name[4:]) + 1) * p.steps
+        return block(it) + p.warp_runs * p.steps + 1  # slerp, liti
+
+    return block, stage
+
+
+def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path,
+             first_step: int = 0) -> dict:
+    """WARP from `base` (its weights are the first init); returns the summary, writes out_dir/final.
+    first_step: the tracker steps already used in this stage (J-BOND's, when WARP follows it)."""
     import copy
 
     p = cfg.policy
+    block, stage_step = warp_steps(cfg, first_step)
     ev = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=1, warmup_steps=0, out_dir=out_dir / "eval", grad_accum=1)
     reduce = _all_reduce_sum if world_size() > 1 else None
 
@@ -385,7 +423,7 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
         state = (engine.resumed_rank_state or {}).get("anchor")
         anchor = Anchor(engine, state or {k: v.float().clone() for k, v in init.items()})
         train_loop(f"warp_i{it}_r{m}", engine, anchor, warp_step, prompts, None, reward, verifier, cfg, tok, tracker,
-                   rdir, start=start, before={}, step_offset=((it - 1) * p.warp_runs + m) * p.steps,
+                   rdir, start=start, before={}, step_offset=block(it) + m * p.steps,
                    seed_key=100 * it + m + 1, log_samples=m == 0)
         out = {k: v.detach().clone() for k, v in engine.local_shards().items()}
         rdir.mkdir(parents=True, exist_ok=True)
@@ -402,7 +440,7 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
 
     def log(row: dict) -> None:
         tracker.log({f"warp/iter{row['iteration']}/{row['stage']}/{k}": v for k, v in row.items()
-                     if isinstance(v, float)}, step=row["iteration"] * (p.warp_runs + 1) * p.steps)
+                     if isinstance(v, float)}, step=stage_step(row["iteration"], row["stage"]))
         if rank() == 0:
             print(f"warp iteration {row['iteration']} {row['stage']:6s}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
@@ -413,7 +451,7 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
     front = eta_sweep(result.last_init, result.last_merged, p.eta_sweep, evaluate_state)
     tracker.table("warp/eta_sweep", ["eta", "verifier", "reward", "kl_to_init"],
                   [[r["eta"], r.get("eval/verifier"), r.get("eval/reward"), r["eval/kl_to_init"]] for r in front],
-                  step=p.warp_iterations * (p.warp_runs + 1) * p.steps)
+                  step=block(p.warp_iterations + 1))
     ev.assign_local(result.state)
     summary = {"history": result.history, "eta_sweep": front,
                "before": {k: v for k, v in result.history[0].items() if k.startswith("eval/")},
@@ -494,7 +532,8 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
             from .checkpoint import load_model
 
             student = load_model(final, dtype=student.embed_tokens.weight.dtype)
-        summary["warp"] = run_warp(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "warp")
+        summary["warp"] = run_warp(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "warp",
+                                   first_step=p.steps if "bond" in summary else 0)
         final = out_dir / "warp" / "final"
     tracker.finish()
     if rank() == 0:

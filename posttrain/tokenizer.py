@@ -109,6 +109,7 @@ class Tokenizer:
         self.end_of_turn_id: int = self._special["<end_of_turn>"]
         self.stop_ids: tuple[int, ...] = (self.eos_id, self.end_of_turn_id)
         self._newline = self._sp.encode("\n")
+        self._containing: dict[tuple[str, ...], tuple[int, ...]] = {}
 
     def __repr__(self) -> str:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
@@ -131,6 +132,18 @@ class Tokenizer:
                 ids += self._sp.encode(text[start:m.start()]) + [self._special[m.group()]]
                 start = m.end()
         return ids + self._sp.encode(text[start:])
+
+    def ids_containing(self, texts: Iterable[str]) -> tuple[int, ...]:
+        """Ids of the (non-control) tokens whose text contains any of `texts`, e.g. every newline run
+        for "\n": what a generation stop string matches within one token."""
+        texts = tuple(texts)
+        if not texts:
+            return ()
+        if texts not in self._containing:
+            sp = self._sp
+            self._containing[texts] = tuple(i for i in range(self.vocab_size) if i not in self._special_ids
+                                            and any(t in sp.decode([i]) for t in texts))
+        return self._containing[texts]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` (a list or a 1-D tensor). Control tokens print as `<name>` unless skipped."""

@@ -22,6 +22,8 @@ import torch
 from launch import train_py
 from safetensors.torch import load_file
 
+from posttrain.tracking import offline_history
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 BASE = ["recipe=smoke", "stages=[policy]", f"policy.steps={STEPS}", "policy.eval_size=4", "checkpoint.every=2",
@@ -101,3 +103,42 @@ def test_missing_inputs_fail_with_one_clear_line(tmp_path):
     assert res.returncode == 2 and "error: stage 'policy' needs data.prompts" in res.stderr, res.stderr[-2000:]
     res = train(tmp_path, "rewards=[{name: reward_model}]")
     assert res.returncode == 2 and "reward_model has no options.path" in res.stderr, res.stderr[-2000:]
+
+
+def test_wandb_offline_run_holds_every_panel_and_stop_strings_end_rollouts(tmp_path):
+    # "e" is in many of the tiny model's tokens: with it as a stop string rollouts end early
+    res = train(tmp_path, "policy.steps=2", "policy.eval_every=1", "policy.stop=[e]", "policy.eval_temperature=0.7",
+                "policy.eval_samples=2", "policy.max_new_tokens=24", "tracking.wandb=true", "tracking.mode=offline")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    stage = tmp_path / "smoke" / "policy"
+    logged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    panels = {k for rec in logged if "table" not in rec for k in rec} - {"step", "time"}
+    tables = {rec["table"] for rec in logged if "table" in rec}
+    runs = list((stage / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = offline_history(runs[0])
+    in_wandb = {k for row in history for k in row}
+    # wandb drops a record logged at a step below one it has seen: J-BOND then WARP (the smoke recipe's
+    # bond_then_warp) must log at steps that never go back
+    order = [rec["step"] for rec in logged]
+    assert order == sorted(order), order
+    assert panels <= in_wandb, sorted(panels - in_wandb)
+    assert {"bond/samples", "warp/eta_sweep"} <= tables
+    for rec in (rec for rec in logged if "table" in rec):  # wandb keeps a table as a media file of the run
+        files = list((runs[0] / "files" / "media" / "table").glob(f"{rec['table']}_{rec['step']}_*.table.json"))
+        assert len(files) == 1, (rec["table"], rec["step"])
+        held = json.loads(files[0].read_text())
+        assert held["columns"] == rec["columns"] and len(held["data"]) == len(rec["rows"])
+    for key in ("bond/reward", "bond/loss", "bond/bond/kl", "bond/bond/win_rate", "bond/entropy", "bond/stopped",
+                "bond/anchor_reward", "bond/eval/verifier", "bond/eval/reward", "bond/eval/stopped"):
+        assert key in panels, key
+    steps = [rec for rec in logged if "bond/loss" in rec]
+    assert all(0 < rec["bond/stopped"] <= 1 and rec["bond/response_length"] < 24 for rec in steps)
+    before = next(rec for rec in logged if rec["step"] == 0)
+    assert before["bond/eval/stopped"] > 0 and before["bond/eval/length"] < 24  # the held-out samples stop too
+
+
+def test_eval_samples_need_a_temperature(tmp_path):
+    res = train(tmp_path, "policy.eval_samples=4")
+    assert res.returncode == 2 and "policy.eval_samples=4 needs policy.eval_temperature > 0" in res.stderr, \
+        res.stderr[-2000:]

@@ -289,3 +289,13 @@ def test_truncated_gguf(tmp_path, n_bytes):
     cut.write_bytes(head)
     with pytest.raises(UserError, match=r"cut.gguf.*(truncated|GGUF magic).*fix: re-download"):
         load_tokenizer(cut)
+
+
+def test_ids_containing_finds_every_token_holding_a_stop_string(tok):
+    ids = tok.ids_containing(["\n"])
+    assert tok.encode("\n") == [ids[0]] and tok.encode("\n\n")[0] in ids  # newline runs are their own tokens
+    assert all("\n" in tok.decode([i]) for i in ids)
+    assert tok.end_of_turn_id not in ids and tok.eos_id not in ids  # control tokens never count
+    # within one token only: "Answer:" is spelled by two tokens, which neither hold
+    assert not set(tok.encode("Answer:")) & set(tok.ids_containing(["Answer:"]))
+    assert tok.ids_containing([]) == ()
