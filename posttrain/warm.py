@@ -86,7 +86,7 @@ def probe_head(rm: RewardModel, pairs: list[Pair], cfg: Config, pad_id: int) -> 
         opt.step()
     with torch.no_grad():
         acc = (head(fc) > head(fr)).float().mean().item()
-    return {"probe/loss": float(loss), "probe/train_accuracy": acc}
+    return {"probe/loss": float(loss.detach()), "probe/train_accuracy": acc}
 
 
 # ----------------------------------------------------------------------------- evaluation
