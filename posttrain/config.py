@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .embedded import EMBEDDED_NAME
 from .errors import UserError
@@ -130,6 +130,11 @@ class DistributedSection(Section):
                           "steps pay the compile)")
     ds_config: dict[str, Any] = Field(default_factory=dict, description="extra DeepSpeed config, merged over "
                                       "the generated one (e.g. {gradient_clipping: 1.0})")
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` (autocast=off) as false
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedSection":

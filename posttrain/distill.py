@@ -103,8 +103,9 @@ def load_split(source: str, key: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- targets
 
-def _generator(*key: int) -> torch.Generator:
-    g = torch.Generator()
+def _generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on the teacher's device (the sampling noise is drawn where the logits are)."""
+    g = torch.Generator(device=device)
     g.manual_seed(hash(key) & ((1 << 62) - 1))  # ints hash to themselves: stable across runs
     return g
 
@@ -199,8 +200,8 @@ def on_policy_batch(engine: Engine, prompts: list[Example], t_prompts: list[Exam
         students.append(Example(prompts[i].ids + reply, [False] * len(prompts[i].ids) + [True] * len(reply)))
         teachers.append(Example(t_prompts[i].ids + reply, [False] * len(t_prompts[i].ids) + [True] * len(reply)))
     rows = [[j] for j in range(len(students))]
-    return (collate(students, rows, max(len(e.ids) for e in students), tok.pad_id),
-            collate(teachers, rows, max(len(e.ids) for e in teachers), tok.pad_id))
+    return (collate(students, rows, max(len(e.ids) for e in students), tok.pad_id).to(engine.device),
+            collate(teachers, rows, max(len(e.ids) for e in teachers), tok.pad_id).to(engine.device))
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -234,6 +235,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
 
     engine = Engine(student, cfg, lr=d.lr, steps=d.steps, warmup_steps=d.warmup_steps, out_dir=out_dir)
     teacher = Frozen(teacher_model, cfg)
+    eval_s, eval_t = [b.to(engine.device) for b in eval_s], [b.to(teacher.device) for b in eval_t]
     cache = None
     if d.cache_targets and not on_policy:
         cache = TargetCache.build(out_dir / "targets", teacher, t_ex, cfg, tok.pad_id)
@@ -265,13 +267,14 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     step, last = start, dict(before)
     for step in range(start, d.steps):
         t0 = time.perf_counter()
-        micro = [next(loader) for _ in range(accum)]
+        micro = [next(loader).to(engine.device) for _ in range(accum)]
         if on_policy:
             pairs = [on_policy_batch(engine, s_ex, t_ex, b, cfg, tok,
                                      seed=hash((cfg.seed, (step * accum + m) * world_size() + rank())) & 0xFFFFFFF)
                      for m, b in enumerate(micro)]
         else:
-            pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id)) for b in micro]
+            pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id).to(engine.device))
+                     for b in micro]
         local_tokens = sum(int(sb.loss_mask.sum()) for sb, _ in pairs)
         local_seen = sum(int((sb.segments > 0).sum()) for sb, _ in pairs)  # non-padding tokens
         global_tokens = all_sum([float(local_tokens)])[0]
@@ -281,12 +284,12 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         loss_sum = 0.0
         for m, (sb, tb) in enumerate(pairs):
             if cache is not None:
-                ids, values = cache.batch(sb)
+                ids, values = (t.to(engine.device) for t in cache.batch(sb))
             else:
                 # Keyed by the global micro-batch number (the loader's order), not by rank or accumulation
                 # slot: W ranks x G accumulation steps draw the same targets as 1 rank x W*G.
                 global_batch = (step * accum + m) * world_size() + rank()
-                ids, values = targets_for(teacher, tb, cfg, _generator(cfg.seed, global_batch))
+                ids, values = targets_for(teacher, tb, cfg, _generator(cfg.seed, global_batch, device=teacher.device))
             loss = engine.module(student_loss(cfg, sb, ids, values, normalizer), sb.ids, sb.positions, sb.segments)
             engine.backward(loss)
             info = engine.step()

@@ -232,6 +232,11 @@ class Engine:
         return self.engine
 
     @property
+    def device(self) -> torch.device:
+        """Where the model computes: batches go here (the stages build them on the CPU)."""
+        return torch.device(self.engine.device)
+
+    @property
     def model(self) -> nn.Module:
         """The trained Gemma3 (or the module given, when it was not one)."""
         return self.wrapped.model if isinstance(self.wrapped, WithHead) else self.wrapped
@@ -452,6 +457,10 @@ class Frozen:
     @property
     def model(self) -> Gemma3:
         return self.wrapped.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
 
     @torch.no_grad()
     def __call__(self, fn: Callable, ids, positions=None, segments=None):

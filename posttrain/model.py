@@ -274,8 +274,11 @@ class Gemma3(nn.Module):
         for block in self.layers:
             block.self_attn.reset_rope(device)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(ids)
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled token embeddings. `weight`: look up in this tensor instead of through the embedding
+        module (the sampler passes the gathered weight: under ZeRO-3 the module's own forward hook
+        would partition it again right after the lookup, under the sampler's feet)."""
+        x = self.embed_tokens(ids) if weight is None else F.embedding(ids, weight)
         # sqrt(C) is rounded to the weight dtype before multiplying, as in the reference
         # implementations: in bf16 the 270M's sqrt(640) = 25.298 becomes 25.25.
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype, device=x.device)

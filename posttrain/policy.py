@@ -123,7 +123,8 @@ def seq_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: 
     n = len(completions[0])
     examples = [Example(prompts.ids[i] + c, [False] * len(prompts.ids[i]) + [True] * len(c))
                 for i, row in zip(idx, completions) for c in row]
-    batch = collate(examples, [[j] for j in range(len(examples))], max(len(e.ids) for e in examples), pad_id)
+    batch = collate(examples, [[j] for j in range(len(examples))], max(len(e.ids) for e in examples),
+                    pad_id).to(engine.device)
 
     def fn(h, w):
         lp = sequence_logprobs(h, w, batch.targets.clamp_min(0), batch.loss_mask, cfg.data.loss_chunk_tokens)
@@ -226,8 +227,9 @@ def bond_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], 
     stats: dict = {}
 
     def post(lp):  # lp (P, S + 1): the policy samples, then the best anchor sample
-        loss, s = jbond_loss(lp[:, :-1][ok], anchor_lp[ok], lp[:, -1][ok], q[ok], n=p.bon_n, beta=p.beta,
-                             gamma=p.gamma, normalizer=norm)
+        keep, quant = ok.to(lp.device), q.to(lp.device)  # rewards are scored on the CPU
+        loss, s = jbond_loss(lp[:, :-1][keep], anchor_lp[keep], lp[:, -1][keep], quant[keep], n=p.bon_n,
+                             beta=p.beta, gamma=p.gamma, normalizer=norm)
         stats.update(s)
         return loss + 0.0 * lp.sum()  # every rank backpropagates, even with no scored prompt
 
@@ -253,7 +255,8 @@ def warp_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], 
     stats: dict = {}
 
     def post(lp):
-        loss, s = warp_loss(lp[ok], anchor_lp[ok], r_pol[ok], beta=p.warp_beta, normalizer=norm)
+        keep, r = ok.to(lp.device), r_pol.to(lp.device)  # rewards are scored on the CPU
+        loss, s = warp_loss(lp[keep], anchor_lp[keep], r[keep], beta=p.warp_beta, normalizer=norm)
         stats.update(s)
         return loss + 0.0 * lp.sum()
 

@@ -310,7 +310,7 @@ class Sampler:
             qpos = torch.arange(s, e, device=device)
             ring_pos = cache.slot_pos[row]  # (ring,) positions held before this chunk
             keep = qpos[-ring:]  # the chunk positions that stay in the ring afterwards
-            x = self.model.embed(ids[s:e])  # (Tc, C)
+            x = self.model.embed(ids[s:e], self.model.embed_tokens.weight)  # (Tc, C)
             for layer, block in enumerate(self.model.layers):
                 attn = block.self_attn
                 q, k, v = self._qkv(attn, block.input_layernorm(x), qpos[None])  # (1, H|K, Tc, D)
@@ -347,7 +347,7 @@ class Sampler:
         global_mask = (kpos[None, :] <= pos[:, None])[:, None, None]  # (R, 1, 1, used)
         sp = cache.slot_pos
         sliding_mask = ((sp > (pos[:, None] - W)) & (sp >= 0))[:, None, None]  # (R, 1, 1, ring)
-        x = self.model.embed(token)  # (R, C)
+        x = self.model.embed(token, self.model.embed_tokens.weight)  # (R, C)
         for layer, block in enumerate(self.model.layers):
             attn = block.self_attn
             q, k, v = self._qkv(attn, block.input_layernorm(x), pos[:, None])  # (R, H|K, 1, D)

@@ -84,12 +84,12 @@ class TargetCache:
         for s in range(0, len(mine), B):
             group = mine[s:s + B]
             rows = [[i] for i in group]
-            batch = collate(examples, rows, max(len(examples[i][0]) for i in group), pad_id)
+            batch = collate(examples, rows, max(len(examples[i][0]) for i in group), pad_id).to(teacher.device)
             # Per example: its own generator, so targets do not depend on batching or the number of ranks.
             def head(h, w):
                 out = []
                 for r, i in enumerate(group):
-                    g = torch.Generator()
+                    g = torch.Generator(device=teacher.device)
                     g.manual_seed(cfg.seed * 1_000_003 + i)
                     kw = {} if topk else {"temperature": d.temperature, "generator": g}
                     out.append(teacher_targets(h[r][batch.loss_mask[r]], w, k=min(k, w.shape[0]),
@@ -100,8 +100,8 @@ class TargetCache:
             for i, (tid, tval) in zip(group, teacher(head, batch.ids, batch.positions, batch.segments)):
                 probs = tval.float().exp() if topk else tval.float()
                 index[i] = (f"shard_{rank()}_{shard}", rows_in_shard, tid.shape[0])
-                ids_buf.append(tid.int())
-                probs_buf.append(probs.half())
+                ids_buf.append(tid.int().cpu())
+                probs_buf.append(probs.half().cpu())
                 rows_in_shard += tid.shape[0]
                 count += 1
                 if count % EXAMPLES_PER_SHARD == 0:

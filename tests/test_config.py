@@ -113,6 +113,10 @@ def test_overrides_apply_with_types():
     assert cfg.name == "2024" and cfg.tracking.run_name == "1.10"  # strings stay as typed
     assert cfg.dry_run is True
     assert cfg.distributed.ds_config == {"gradient_clipping": 0.5}
+    # YAML reads a bare `off` as false; the knob whose value is "off" takes it as written
+    assert load_config(["recipe=demo", "distributed.autocast=off"]).distributed.autocast == "off"
+    with pytest.raises(UserError, match="distributed.autocast"):
+        load_config(["recipe=demo", "distributed.autocast=on"])
     assert cfg.model.student.preset_config().num_layers == 2
     # untouched keys keep the recipe's values
     assert cfg.model.teacher.preset == "27b" and cfg.distill.num_samples == 256
