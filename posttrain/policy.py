@@ -11,8 +11,10 @@ sequence log-probs (chunked: never B x T x V).
   and score, then swapped out; anchor <- (1 - eta) anchor + eta policy after each step.
 - WARP: `warp_runs` runs of `steps` steps from a shared init (each with its own engine, seed and
   prompt order, an EMA anchor with rate warp_mu), SLERP of their task vectors, LITI with liti_eta,
-  `warp_iterations` times; then the final merge is evaluated at each of `eta_sweep`.
-Held-out: `policy.eval_size` prompts of data.eval, one greedy completion each, scored by the
+  `warp_iterations` times; then the final merge is evaluated at each of `eta_sweep` (policy_warp.py).
+Rollouts stop at <end_of_turn>, <eos>, max_new_tokens or a token holding one of `policy.stop`.
+Held-out: `policy.eval_size` prompts of data.eval, one greedy completion each (or `eval_samples` at
+`eval_temperature`: pass@1 estimated from k samples), scored by the
 `eval_verifier` (not part of the training reward) and the training reward, logged side by side:
 reward hacking shows as the training reward rising while the verifier does not.
 Checkpoints hold the engine, the anchor's shards and the prompt position: resume=true continues exactly.
@@ -30,7 +32,7 @@ import torch
 from .bond import best_anchor, jbond_loss, quantile_reward, wins
 from .config import Config
 from .data import Example, to_messages
-from .engine import Engine, all_sum, barrier, rank, world_size, write_json_atomic
+from .engine import Engine, all_sum, rank, world_size, write_json_atomic
 from .errors import UserError
 from .loader import collate
 from .losses import sequence_logprobs
@@ -38,7 +40,7 @@ from .merge import ema_
 from .model import Gemma3
 from .sampler import Sampler
 from .tracking import Tracker, progress
-from .warp import eta_sweep, warp, warp_loss
+from .warp import warp_loss
 
 
 # ----------------------------------------------------------------------------- prompts and rewards
@@ -383,130 +385,6 @@ def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier,
     return summary
 
 
-def warp_steps(cfg: Config, first: int = 0):
-    """The tracker's step for each WARP record, increasing through the stage (wandb drops a record whose
-    step is below one already logged): iteration `it` spans [block(it), block(it + 1)]; its init is logged
-    at the start, run m's steps follow (block + m * steps + 1 ...), run m's evaluation at its last step,
-    SLERP and LITI one step after the last run. `first`: the steps already used (J-BOND's, before WARP)."""
-    p = cfg.policy
-
-    def block(it: int) -> int:
-        return first + (it - 1) * (p.warp_runs * p.steps + 1)
-
-    def stage(it: int, name: str) -> int:
-        if name == "init":
-            return block(it)
-        if name.startswith("run_"):
-            return block(it) + (int(name[4:]) + 1) * p.steps
-        return block(it) + p.warp_runs * p.steps + 1  # slerp, liti
-
-    return block, stage
-
-
-def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path,
-             first_step: int = 0) -> dict:
-    """WARP from `base` (its weights are the first init); returns the summary, writes out_dir/final.
-    first_step: the tracker steps already used in this stage (J-BOND's, when WARP follows it)."""
-    import copy
-
-    p = cfg.policy
-    block, stage_step = warp_steps(cfg, first_step)
-    ev = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=1, warmup_steps=0, out_dir=out_dir / "eval", grad_accum=1)
-    reduce = _all_reduce_sum if world_size() > 1 else None
-
-    def run_rl(init: dict, m: int, it: int) -> dict:
-        rdir = out_dir / f"iter{it}" / f"run{m}"
-        final = rdir / f"final_rank{rank()}.pt"
-        if cfg.resume and final.exists():
-            return torch.load(final, weights_only=True)
-        engine = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=p.steps, warmup_steps=min(p.steps // 10, 50),
-                        out_dir=rdir, grad_accum=1)
-        engine.assign_local(init)
-        start, _ = engine.resume() if cfg.resume else (0, None)
-        state = (engine.resumed_rank_state or {}).get("anchor")
-        anchor = Anchor(engine, state or {k: v.float().clone() for k, v in init.items()})
-        train_loop(f"warp_i{it}_r{m}", engine, anchor, warp_step, prompts, None, reward, verifier, cfg, tok, tracker,
-                   rdir, start=start, before={}, step_offset=block(it) + m * p.steps,
-                   seed_key=100 * it + m + 1, log_samples=m == 0)
-        out = {k: v.detach().clone() for k, v in engine.local_shards().items()}
-        rdir.mkdir(parents=True, exist_ok=True)
-        torch.save(out, final)
-        barrier()
-        engine.close()
-        return out
-
-    def evaluate_state(state: dict, init: dict) -> dict:
-        ev.assign_local(state)
-        metrics = evaluate(ev, held, verifier, reward, cfg, tok)
-        metrics["eval/kl_to_init"] = _kl_estimate(ev, Anchor(ev, init), held or prompts, cfg, tok)
-        return metrics
-
-    def log(row: dict) -> None:
-        tracker.log({f"warp/iter{row['iteration']}/{row['stage']}/{k}": v for k, v in row.items()
-                     if isinstance(v, float)}, step=stage_step(row["iteration"], row["stage"]))
-        if rank() == 0:
-            print(f"warp iteration {row['iteration']} {row['stage']:6s}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
-
-    init = {k: v.detach().clone() for k, v in ev.local_shards().items()}
-    result = warp(init, run_rl, evaluate_state, runs=p.warp_runs, iterations=p.warp_iterations,
-                  liti_eta=p.liti_eta, reduce=reduce, log=log)
-    front = eta_sweep(result.last_init, result.last_merged, p.eta_sweep, evaluate_state)
-    tracker.table("warp/eta_sweep", ["eta", "verifier", "reward", "kl_to_init"],
-                  [[r["eta"], r.get("eval/verifier"), r.get("eval/reward"), r["eval/kl_to_init"]] for r in front],
-                  step=block(p.warp_iterations + 1))
-    ev.assign_local(result.state)
-    summary = {"history": result.history, "eta_sweep": front,
-               "before": {k: v for k, v in result.history[0].items() if k.startswith("eval/")},
-               "after": {k: v for k, v in result.history[-1].items() if k.startswith("eval/")}}
-    ev.export_final(tok, out_dir / "final", summary)
-    if rank() == 0:
-        write_json_atomic(out_dir / "eta_sweep.json", front)
-        _plot_front(front, out_dir / "eta_sweep.png")
-    ev.close()
-    return summary
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    dist.all_reduce(t)
-    return t
-
-
-@torch.no_grad()
-def _kl_estimate(engine: Engine, base: Anchor, prompts: Prompts, cfg: Config, tok) -> float:
-    """KL(policy || base) estimated on one sampled completion per held-out prompt (this rank's share):
-    the mean of log pi(y) - log base(y), y ~ pi."""
-    size = min(cfg.policy.eval_size, len(prompts.rows))
-    mine = list(range(size))[rank()::world_size()]
-    idx, weight = mine or [0], float(bool(mine))
-    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=_seed(cfg, 5))
-    lp = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
-    with base.swapped_in(engine):
-        lb = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
-    total, n = all_sum([float((lp - lb).sum()) * weight, float(len(idx)) * weight])
-    return total / n
-
-
-def _plot_front(front: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.plot([r["eval/kl_to_init"] for r in front], [r.get("eval/reward", float("nan")) for r in front], "o-")
-    for r in front:
-        ax.annotate(f"eta {r['eta']}", (r["eval/kl_to_init"], r.get("eval/reward", float("nan"))))
-    ax.set_xlabel("KL to the last init")
-    ax.set_ylabel("held-out training reward")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None = None,
                out_dir: Path | None = None) -> tuple[Path, dict]:
     """The policy stage; returns (the final policy's HF directory, the summary)."""
@@ -535,6 +413,8 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
             from .checkpoint import load_model
 
             student = load_model(final, dtype=student.embed_tokens.weight.dtype)
+        from .policy_warp import run_warp
+
         summary["warp"] = run_warp(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "warp",
                                    first_step=p.steps if "bond" in summary else 0)
         final = out_dir / "warp" / "final"

@@ -1,0 +1,149 @@
+"""The policy stage's WARP driver (policy.algorithm warp or bond_then_warp; the algorithm is warp.py).
+
+    summary = run_warp(cfg, base, tok, prompts, held, reward, verifier, tracker, out_dir)
+
+M RL runs per iteration, each with its own engine, seed and prompt order and an EMA anchor (policy.py's
+train_loop and warp_step); their final shards are merged by SLERP and LITI (warp.warp) on each rank's
+shards; every stage of every iteration is evaluated (the held-out verifier, the training reward, KL to the
+iteration's init); the final merge is swept over policy.eta_sweep (json, png, wandb table). A finished
+run's shards are kept (iter<i>/run<m>/final_rank<r>.pt), so resume=true skips it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .engine import Engine, all_sum, barrier, rank, world_size, write_json_atomic
+from .model import Gemma3
+from .policy import Anchor, Prompts, _seed, evaluate, rollout, seq_logprobs, train_loop, warp_step
+from .warp import eta_sweep, warp
+
+
+def warp_steps(cfg: Config, first: int = 0):
+    """The tracker's step for each WARP record, increasing through the stage (wandb drops a record whose
+    step is below one already logged): iteration `it` spans [block(it), block(it + 1)]; its init is logged
+    at the start, run m's steps follow (block + m * steps + 1 ...), run m's evaluation at its last step,
+    SLERP and LITI one step after the last run. `first`: the steps already used (J-BOND's, before WARP)."""
+    p = cfg.policy
+
+    def block(it: int) -> int:
+        return first + (it - 1) * (p.warp_runs * p.steps + 1)
+
+    def stage(it: int, name: str) -> int:
+        if name == "init":
+            return block(it)
+        if name.startswith("run_"):
+            return block(it) + (int(name[4:]) + 1) * p.steps
+        return block(it) + p.warp_runs * p.steps + 1  # slerp, liti
+
+    return block, stage
+
+
+def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path,
+             first_step: int = 0) -> dict:
+    """WARP from `base` (its weights are the first init); returns the summary, writes out_dir/final.
+    first_step: the tracker steps already used in this stage (J-BOND's, when WARP follows it)."""
+    import copy
+
+    p = cfg.policy
+    block, stage_step = warp_steps(cfg, first_step)
+    ev = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=1, warmup_steps=0, out_dir=out_dir / "eval", grad_accum=1)
+    reduce = _all_reduce_sum if world_size() > 1 else None
+
+    def run_rl(init: dict, m: int, it: int) -> dict:
+        rdir = out_dir / f"iter{it}" / f"run{m}"
+        final = rdir / f"final_rank{rank()}.pt"
+        if cfg.resume and final.exists():
+            return torch.load(final, weights_only=True)
+        engine = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=p.steps, warmup_steps=min(p.steps // 10, 50),
+                        out_dir=rdir, grad_accum=1)
+        engine.assign_local(init)
+        start, _ = engine.resume() if cfg.resume else (0, None)
+        state = (engine.resumed_rank_state or {}).get("anchor")
+        anchor = Anchor(engine, state or {k: v.float().clone() for k, v in init.items()})
+        train_loop(f"warp_i{it}_r{m}", engine, anchor, warp_step, prompts, None, reward, verifier, cfg, tok, tracker,
+                   rdir, start=start, before={}, step_offset=block(it) + m * p.steps,
+                   seed_key=100 * it + m + 1, log_samples=m == 0)
+        out = {k: v.detach().clone() for k, v in engine.local_shards().items()}
+        rdir.mkdir(parents=True, exist_ok=True)
+        torch.save(out, final)
+        barrier()
+        engine.close()
+        return out
+
+    def evaluate_state(state: dict, init: dict) -> dict:
+        ev.assign_local(state)
+        metrics = evaluate(ev, held, verifier, reward, cfg, tok)
+        metrics["eval/kl_to_init"] = _kl_estimate(ev, Anchor(ev, init), held or prompts, cfg, tok)
+        return metrics
+
+    def log(row: dict) -> None:
+        tracker.log({f"warp/iter{row['iteration']}/{row['stage']}/{k}": v for k, v in row.items()
+                     if isinstance(v, float)}, step=stage_step(row["iteration"], row["stage"]))
+        if rank() == 0:
+            print(f"warp iteration {row['iteration']} {row['stage']:6s}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+
+    init = {k: v.detach().clone() for k, v in ev.local_shards().items()}
+    result = warp(init, run_rl, evaluate_state, runs=p.warp_runs, iterations=p.warp_iterations,
+                  liti_eta=p.liti_eta, reduce=reduce, log=log)
+    front = eta_sweep(result.last_init, result.last_merged, p.eta_sweep, evaluate_state)
+    tracker.table("warp/eta_sweep", ["eta", "verifier", "reward", "kl_to_init"],
+                  [[r["eta"], r.get("eval/verifier"), r.get("eval/reward"), r["eval/kl_to_init"]] for r in front],
+                  step=block(p.warp_iterations + 1))
+    ev.assign_local(result.state)
+    summary = {"history": result.history, "eta_sweep": front,
+               "before": {k: v for k, v in result.history[0].items() if k.startswith("eval/")},
+               "after": {k: v for k, v in result.history[-1].items() if k.startswith("eval/")}}
+    ev.export_final(tok, out_dir / "final", summary)
+    if rank() == 0:
+        write_json_atomic(out_dir / "eta_sweep.json", front)
+        _plot_front(front, out_dir / "eta_sweep.png")
+    ev.close()
+    return summary
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def _kl_estimate(engine: Engine, base: Anchor, prompts: Prompts, cfg: Config, tok) -> float:
+    """KL(policy || base) estimated on one sampled completion per held-out prompt (this rank's share):
+    the mean of log pi(y) - log base(y), y ~ pi."""
+    size = min(cfg.policy.eval_size, len(prompts.rows))
+    mine = list(range(size))[rank()::world_size()]
+    idx, weight = mine or [0], float(bool(mine))
+    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=_seed(cfg, 5))
+    lp = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
+    with base.swapped_in(engine):
+        lb = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
+    total, n = all_sum([float((lp - lb).sum()) * weight, float(len(idx)) * weight])
+    return total / n
+
+
+def _plot_front(front: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([r["eval/kl_to_init"] for r in front], [r.get("eval/reward", float("nan")) for r in front], "o-")
+    for r in front:
+        ax.annotate(f"eta {r['eta']}", (r["eval/kl_to_init"], r.get("eval/reward", float("nan"))))
+    ax.set_xlabel("KL to the last init")
+    ax.set_ylabel("held-out training reward")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["run_warp", "warp_steps"]
