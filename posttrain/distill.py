@@ -137,9 +137,8 @@ def student_loss(cfg: Config, batch: Batch, ids: torch.Tensor, values: torch.Ten
     """fn(hidden, weight) for the engine: the distillation loss over the batch's loss positions."""
     chunk = cfg.data.loss_chunk_tokens
 
-    w_label = cfg.distill.label_weight
-    if w_label > 0 and cfg.distill.method == "sampled":
-        ids, values = with_labels(ids, values, batch.targets[batch.loss_mask], w_label)
+    if cfg.distill.label_weight:  # the config allows it with method=sampled only
+        ids, values = with_labels(ids, values, batch.targets[batch.loss_mask], cfg.distill.label_weight)
 
     def fn(h, w):
         h = h[batch.loss_mask]
@@ -241,7 +240,6 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         cache = TargetCache.build(out_dir / "targets", teacher, t_ex, cfg, tok.pad_id)
 
     start, extra = engine.resume() if cfg.resume else (0, None)
-    summary_path = out_dir / "summary.json"
     if extra:
         loader.load_state_dict(extra["loader"])
         if start >= d.steps:
@@ -273,7 +271,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
                                      seed=hash((cfg.seed, (step * accum + m) * world_size() + rank())) & 0xFFFFFFF)
                      for m, b in enumerate(micro)]
         else:
-            pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id).to(engine.device))
+            pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id).to(teacher.device))
                      for b in micro]
         local_tokens = sum(int(sb.loss_mask.sum()) for sb, _ in pairs)
         local_seen = sum(int((sb.segments > 0).sum()) for sb, _ in pairs)  # non-padding tokens
@@ -328,7 +326,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         tracker.log(after, step=d.steps)
     summary = {"steps": d.steps, "method": d.method, "final_loss": last.get("loss"),
                "before": before, "after": after}
-    engine.export_final(tok, out_dir / "final", summary)  # also writes summary_path
+    engine.export_final(tok, out_dir / "final", summary)  # and <stage dir>/summary.json
     engine.save(d.steps, extra={"loader": loader.state_dict(), "before": before, "summary": summary})
     if rank() == 0 and after:
         print(f"distill: held-out after {d.steps} steps: KL {before['eval/kl']:.4f} -> {after['eval/kl']:.4f}, "

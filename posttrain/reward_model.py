@@ -124,9 +124,11 @@ def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, torch.tensor([len(s) for s in seqs])
 
 
-def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2B, T) right-padded ids, chosen rows first then rejected, and their lengths (2B,)."""
-    return pad_right([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+def collate_pairs(pairs: Sequence[Pair], pad_id: int, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, T) right-padded ids, chosen rows first then rejected, and their lengths (2B,), on `device`."""
+    ids, lengths = pad_right([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    return ids.to(device), lengths.to(device)
 
 
 __all__ = ["RewardModel", "bradley_terry_loss", "Pair", "pair_examples", "collate_pairs", "pad_right"]

@@ -65,7 +65,7 @@ def pair_features(rm: RewardModel, pairs: list[Pair], pad_id: int, batch: int) -
     rm.eval()
     chosen, rejected = [], []
     for s in range(0, len(pairs), batch):
-        ids, lengths = (t.to(_device(rm)) for t in collate_pairs(pairs[s:s + batch], pad_id))
+        ids, lengths = collate_pairs(pairs[s:s + batch], pad_id, _device(rm))
         f = rm.features(ids, lengths)
         n = ids.shape[0] // 2
         chosen.append(f[:n])
@@ -97,7 +97,7 @@ def margins(module, pairs: list[Pair], pad_id: int, batch: int) -> list[float]:
     Every rank runs every pair (ZeRO-3 forwards are collective)."""
     out = []
     for s in range(0, len(pairs), batch):
-        ids, lengths = (t.to(_device(module)) for t in collate_pairs(pairs[s:s + batch], pad_id))
+        ids, lengths = collate_pairs(pairs[s:s + batch], pad_id, _device(module))
         r = module(ids, lengths)
         n = ids.shape[0] // 2
         out += (r[:n] - r[n:]).tolist()
@@ -194,7 +194,7 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
     bar = progress(total=w.steps, initial=start, desc=f"warm member {m}")
     for step in range(start, w.steps):
         pairs = batch_at(step)
-        ids, lengths = (t.to(engine.device) for t in collate_pairs(pairs, pad_id))
+        ids, lengths = collate_pairs(pairs, pad_id, engine.device)
         r = engine.module(ids, lengths)
         n = len(pairs)
         loss = bradley_terry_loss(r[:n], r[n:], w.margin)
