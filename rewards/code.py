@@ -4,7 +4,7 @@
     reward(prompts, completions, prompt=[...], test=[...], entry_point=[...])     # HumanEval-style
     reward(prompts, completions, tests=[[{"input": "1 2\\n", "output": "3\\n"}], ...])  # stdin/stdout
     -> [1.0, 0.0, None, ...]      # None: no tests in the row, or the sandbox itself failed
-    reward.last_metrics           # {"pass_rate": 0.5, "timeouts": 1.0, "sandbox_errors": 0.0, ...}
+    reward.last_metrics           # {"pass_rate": 0.5, "timeouts": 1.0, "tamper_attempts": 0.0, ...}
 
 Rows with `test` + `entry_point` (+ `prompt`, the code the completion continues) are function tests:
 the program is prompt + completion, the check is `check(entry_point)` from `test` (or, when `test`
@@ -27,6 +27,12 @@ Faking a pass is this module's, and the verdict never rests on anything the cand
   expected outputs never enter the sandbox.
 - The candidate process is forked before the harness reads the job, so the tests and the nonce were
   never in its memory (stdio children can see the other inputs, never the outputs).
+- Only values and per-case outcomes cross: a call of the candidate that raises (any exception,
+  StopIteration and BaseException subclasses included), exits, hangs or answers garbage fails its
+  case, and is never re-raised by type into the test code, so no loop, generator or `except` in a
+  test can turn it into a pass. Tests therefore cannot expect an exception from the candidate.
+- A job that reaches for its slot's trusted state is killed or its slot replaced (sandbox.py);
+  the samples whose jobs tried are counted in `tamper_attempts`.
 Not defended: a solution that special-cases public tests (HumanEval's are public); the dataset's
 test code is trusted (it runs in the sandbox all the same).
 """
@@ -37,6 +43,7 @@ import marshal
 import re
 import secrets
 import time
+from signal import SIGSYS
 from pathlib import Path
 
 from rewards.base import time_left
@@ -158,6 +165,7 @@ class CodeReward:
     def _verdict(self, plan: dict, res: SandboxResult) -> dict | None:
         """Per-case pass/fail from the nonce-tagged report lines; None if the harness never started."""
         started, passed, timeouts, setup_error = False, set(), 0, False
+        tamper = res.tamper is not None  # the job reached for its slot's trusted state (see sandbox.py)
         for line in res.stdout.decode(errors="replace").splitlines():
             fields = line.split(" ")
             if fields[0] != plan["nonce"] or len(fields) < 2:
@@ -173,6 +181,7 @@ class CodeReward:
                     ok, timed_out = fields[3] == "1", fields[4] == "1"
                 else:
                     code, timed_out, capped = int(fields[3]), fields[4] == "1", fields[5] == "1"
+                    tamper |= code == -SIGSYS  # the harness reaped a program the filter killed
                     out = bytes.fromhex("" if fields[6] == "-" else fields[6]).decode(errors="replace")
                     ok = (code == 0 and not timed_out and not capped
                           and _lines(out) == _lines(plan["expected"][i]))
@@ -182,13 +191,13 @@ class CodeReward:
             if ok and 0 <= i < plan["n"]:
                 passed.add(i)
         if res.killed_reason == "deadline":
-            return {"score": None, "deadline": True}  # not run, or cut short, by the call's deadline
+            return {"score": None, "deadline": True, "tamper": tamper}  # not run, or cut short, by the deadline
         if not started or setup_error:
-            return {"score": None, "sandbox_error": not started, "setup_error": setup_error}
+            return {"score": None, "sandbox_error": not started, "setup_error": setup_error, "tamper": tamper}
         frac = len(passed) / plan["n"]
         score = frac if self.partial_credit else float(frac == 1.0)
         return {"score": score, "all": frac == 1.0, "program_timeout": bool(timeouts) or res.timed_out,
-                "capped": res.killed_reason == "output_cap", "wall_s": res.wall_s}
+                "capped": res.killed_reason == "output_cap", "wall_s": res.wall_s, "tamper": tamper}
 
     def _metrics(self, verdicts: list[dict | None], n: int) -> dict[str, float]:
         """`errors` and `timeouts` count samples scored None (the registry's fixed meaning); a program
@@ -206,6 +215,7 @@ class CodeReward:
             "sandbox_errors": float(sum(bool(v and v.get("sandbox_error")) for v in verdicts)),
             "setup_errors": float(sum(bool(v and v.get("setup_error")) for v in verdicts)),
             "timeouts": float(sum(bool(v and v.get("deadline")) for v in verdicts)),
+            "tamper_attempts": float(sum(bool(v and v["tamper"]) for v in verdicts)),
             "mean_wall_s": mean("wall_s"),
         }
 

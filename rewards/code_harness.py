@@ -10,8 +10,11 @@ Why two processes: untrusted code that shares an interpreter with its tests cont
   the tests or the nonce), with stdin on /dev/null, stdout and stderr on our stderr, and no other fd.
   It answers calls over a pipe; its return values cross as a tagged text encoding of exact builtin
   types (`encode` there, `Decoder` here), rebuilt here, so every `==` in the tests runs on objects this
-  process made. The test code (the dataset's) runs here, with the entry point bound to a proxy. An
-  exit, a crash, a timeout or garbage on the pipe fails the case.
+  process made. The test code (the dataset's) runs here, with the entry point bound to a proxy. A
+  raise, an exit, a crash, a timeout or garbage on the pipe fails the case: the proxy marks the case
+  failed and raises CandidateFailed (ours, a BaseException) to stop it; the candidate's exception is
+  never re-raised by type, so StopIteration cannot end a test's loop early and no `except` in the
+  test can turn the failure into a pass.
 - stdio mode: each test input runs in a fresh child; we report its stdout (capped) and exit status.
   The expected outputs never enter the sandbox: the parent compares.
 The sandbox has no /proc, and seccomp blocks ptrace, process_vm_* and pidfd_getfd, so a child can
@@ -107,7 +110,14 @@ class Decoder:
 
 
 class CandidateError(Exception):
-    """The candidate died, timed out, or spoke garbage."""
+    """The candidate died, timed out, or spoke garbage (raised inside this harness, never into tests)."""
+
+
+class CandidateFailed(BaseException):
+    """Raised into the test code where a call of the candidate failed (it raised, died, timed out or
+    spoke garbage), to stop the case. A BaseException of our own, so `except Exception` and the
+    generator and loop protocols (StopIteration, GeneratorExit) never see it as theirs. The case has
+    failed already when it is raised: test code that catches it changes nothing."""
 
 
 def send(fd, data):
@@ -232,33 +242,36 @@ def run_function():
     nonce, timeout = job["nonce"], job["case_timeout"]
     emit(nonce, "start")
     reader = Reader(c2h_r)
-    state = {"dead": None, "deadline": time.monotonic() + timeout}  # the deadline is per case
+    # The deadline is per case; `failed` is why a call of the candidate in the current case failed.
+    state = {"dead": None, "deadline": time.monotonic() + timeout, "failed": None}
 
     def die(why):
         state["dead"] = state["dead"] or why
         kill(pid)
         return CandidateError(state["dead"])
 
+    def fail(why):
+        """The current case has failed, whatever the test code does next: stop it."""
+        state["failed"] = state["failed"] or why
+        return CandidateFailed(why)
+
     def call(*args, **kwargs):
         if state["dead"]:
-            raise CandidateError(state["dead"])
+            raise fail(state["dead"])
+        message = marshal.dumps((args, kwargs))  # ValueError: an argument marshal cannot carry (the test's)
         try:
-            send(h2c_w, marshal.dumps((args, kwargs)))  # ValueError: an argument marshal cannot carry
+            send(h2c_w, message)
             reply = reader.recv(state["deadline"]).decode(errors="surrogatepass")
-        except TimeoutError:
-            raise die("timeout") from None
-        except (CandidateError, OSError) as e:
-            raise die(f"candidate died ({e})") from None
-        if reply[:1] == "O":
-            try:
+            if reply[:1] == "O":
                 return Decoder(reply[1:]).whole()
-            except (ValueError, IndexError, TypeError, RecursionError, MemoryError) as e:
-                raise die(f"malformed return value ({type(e).__name__})") from None
+        except TimeoutError:
+            raise fail(str(die("timeout"))) from None
+        except BaseException as e:  # it died, spoke garbage, sent a value too big to rebuild...
+            raise fail(str(die(f"candidate died or spoke garbage ({type(e).__name__}: {e})"))) from None
         name, _, msg = reply[1:].partition("\n")
-        exc = getattr(builtins, name, None) if reply[:1] == "R" else None
-        if isinstance(exc, type) and issubclass(exc, Exception):
-            raise exc(msg)  # a fresh builtin exception, so tests that expect e.g. ValueError work
-        raise CandidateError(f"{name}: {msg}")
+        # Only the fact crosses, with its name for the log: the candidate's exception is this case's
+        # failure and is never re-raised, by type, inside the test's own code.
+        raise fail(f"candidate raised {name}: {msg}" if reply[:1] == "R" else f"malformed reply {reply[:40]!r}")
 
     try:
         send(h2c_w, marshal.dumps((job["program"], job["entry_point"])))
@@ -277,17 +290,20 @@ def run_function():
         return
     scope[job["entry_point"]] = call
     for i, case in enumerate(job["cases"]):
+        passed, error = False, ""
         try:
             if state["dead"]:
-                raise CandidateError(state["dead"])
+                raise fail(state["dead"])
             state["deadline"] = time.monotonic() + timeout
             exec(compile(case, f"<case {i}>", "exec"), scope)
-            emit(nonce, "case", i, 1, 0, "")
+            passed = state["failed"] is None  # a failed call fails the case even if the test caught it
+            error = "" if passed else f"CandidateFailed: {state['failed']}"
         except BaseException as e:
-            error = f"{type(e).__name__}: {e}"[:300].encode(errors="replace").hex()
-            emit(nonce, "case", i, 0, int(state["dead"] == "timeout"), error)
-            if job["stop_on_fail"]:
-                break
+            error = f"{type(e).__name__}: {e}"
+        state["failed"] = None
+        emit(nonce, "case", i, int(passed), int(state["dead"] == "timeout"), error[:300].encode(errors="replace").hex())
+        if not passed and job["stop_on_fail"]:
+            break
     emit(nonce, "done")
 
 
@@ -382,5 +398,8 @@ def run_stdio():
 
 def main(mode):
     _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)  # the parent went away: just die
+    # The candidate may signal us (same uid). SIGINT would raise KeyboardInterrupt wherever we are,
+    # test code included, which could catch it; every other signal just kills us, which fails closed.
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     (run_function if mode == "function" else run_stdio)()
     os._exit(0)  # everything is written: skip the interpreter's teardown

@@ -4,11 +4,13 @@
     [res] = box.map([Job(code="print(input())", stdin=b"hi\\n")])
     res.stdout, res.exit_code, res.timed_out, res.killed_reason    # b'hi\\n', 0, False, None
 
-Jobs run in parallel, one per slot. Each slot has its own uid when we are root, and its own
-bubblewrap sandbox (layers: rewards/isolation.py) whose init is a trusted zygote: started once,
-it forks a fresh process for each job, and after the job kills everything left in the namespace,
-empties /tmp and reports the exit status (isolation.ZYGOTE). So a job pays a fork, not a sandbox
-and interpreter start-up, and no job sees anything of the one before. The job's stdin, stdout and
+Jobs run in parallel, one per slot. Each slot has its own uid when we are root (held for this
+Sandbox alone), and its own bubblewrap sandbox (layers: rewards/isolation.py) whose init is a
+trusted zygote: started once, it forks a fresh process for each job, and after the job kills
+everything left in the namespace, empties /tmp, checks that its own inheritable state is as it was
+and reports the exit status (isolation.ZYGOTE). A job that reached for that state is reported in
+`SandboxResult.tamper`, and a zygote whose state changed is replaced. So a job pays a fork, not a
+sandbox and interpreter start-up, and no job sees anything of the one before. The job's stdin, stdout and
 stderr are pipes made for it alone, handed to the zygote over a socket. The wall clock of a job
 starts when it is handed over. The trusted parent (this process) kills at the wall-clock deadline
 and at the output cap, reading the pipes incrementally: it kills the sandbox's init, which takes
@@ -43,7 +45,7 @@ from queue import SimpleQueue
 from subprocess import DEVNULL, PIPE
 
 from rewards.isolation import (ZYGOTE, UID_BASE, UNSAFE_HINT, FIX_USERNS, IsolationError, SlotCgroup,
-                               bwrap_args, find_bwrap, pick_python, seccomp_bpf)
+                               bwrap_args, claim_uids, find_bwrap, pick_python, seccomp_bpf)
 
 log = logging.getLogger(__name__)
 __all__ = ["Job", "Sandbox", "SandboxResult", "IsolationError"]
@@ -66,6 +68,9 @@ class SandboxResult:
     wall_s: float
     timed_out: bool
     killed_reason: str | None   # "timeout", "output_cap", "deadline" (the map's), "sandbox_error", None
+    tamper: str | None = None   # the job reached for the slot's trusted state: "seccomp" (a process of it was
+                                # killed for aiming a state-changing call at another process), "slot:<what>"
+                                # (the zygote's state changed: the sandbox was replaced), both joined by ";"
 
 
 class Sandbox:
@@ -92,7 +97,10 @@ class Sandbox:
         self._spawners = ThreadPoolExecutor(self.workers, thread_name_prefix="sandbox-spawn")
         self._warm: dict[int, Future] = {}
         self._lock, self._closed = threading.Lock(), False
-        weakref.finalize(self, _kill_warm, self._warm)
+        self._cgroups: list[SlotCgroup | None] = [None] * self.workers
+        self._uid_locks: list[int] = []
+        self.uids: list[int] = []  # the slots' uids, when we are root
+        self._finalizer = weakref.finalize(self, _release, self._warm, self._cgroups, self._uid_locks)
         if unsafe:
             return
         self.bwrap, self._bpf = find_bwrap(bwrap), seccomp_bpf()
@@ -101,10 +109,14 @@ class Sandbox:
         if self.as_root and not self._setpriv:
             log.warning("sandbox: setpriv (util-linux) not found: each launch forks this whole process to "
                         "switch uid, which is slow for a large trainer")
-        # Harness and candidate (each under RLIMIT_AS), the tmpfs pages and the zygote, in one budget.
-        mem = (2 * memory_mb + tmpfs_mb + 96) << 20
-        self._cgroups = [SlotCgroup.create(f"slot{i}", max_procs + 16, mem) if self.as_root else None
-                         for i in range(self.workers)]
+        # One uid per slot, held for this Sandbox alone (see claim_uids), and a cgroup named after it:
+        # harness and candidate (each under RLIMIT_AS), the tmpfs pages and the zygote, in one budget.
+        if self.as_root:
+            claims = claim_uids(uid_base, self.workers)
+            self.uids = [uid for uid, _ in claims]
+            self._uid_locks.extend(fd for _, fd in claims)
+            mem = (2 * memory_mb + tmpfs_mb + 96) << 20
+            self._cgroups[:] = [SlotCgroup.create(uid, max_procs + 16, mem) for uid in self.uids]
         probe = self.run("import os; print(os.getuid(), 'ok')", wall_s=max(timeout_s, 20.0))
         if probe.exit_code != 0 or not probe.stdout.endswith(b" ok\n"):
             why = probe.stderr.decode(errors="replace").strip()[-500:] or probe.killed_reason
@@ -147,12 +159,13 @@ class Sandbox:
         return total
 
     def close(self) -> None:
-        """Stop the warm sandboxes and the threads; idempotent."""
+        """Stop the warm sandboxes and the threads, remove the slots' cgroups, free the uids; idempotent."""
         with self._lock:
             self._closed = True
         _kill_warm(self._warm)  # before the threads end: a spawner thread's exit would SIGKILL its bwrap
         self._spawners.shutdown(wait=True)
         self._runners.shutdown(wait=True)
+        self._finalizer()
 
     # --- one job ---------------------------------------------------------------------------------------
 
@@ -209,7 +222,7 @@ class Sandbox:
         argv = [self.bwrap, *self._bwrap_args, "--seccomp", str(seccomp_r), *sync, "--", *self._argv]
         ids: dict = {}
         if self.as_root:
-            uid = self.uid_base + slot
+            uid = self.uids[slot]
             if self._setpriv:  # a vfork spawn; Popen(user=...) would have to fork this process
                 argv = [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
             else:
@@ -315,11 +328,18 @@ class Sandbox:
                 out[err_r] += b"\nsandbox: the zygote died: " + live.stderr_tail()
             if reason is not None:
                 live.close()  # a job still running (or a broken sandbox): the namespace goes down with its init
-        exit_code = int(status.split()[0]) if status and reason is None else None
-        if status and status.endswith(b" retire"):  # the job left what the zygote could not clean
+        # `<exit code> <ok|retire> <notes>`: retire when the job left what the zygote could not clean or
+        # changed the zygote itself; the zygote exits then and the slot gets a fresh sandbox.
+        fields = status.decode(errors="replace").split() if status else []
+        exit_code = int(fields[0]) if fields and reason is None else None
+        if fields[1:2] == ["retire"]:
             live.close()
+        tamper = fields[2] if len(fields) > 2 and fields[2] != "-" else None
+        if tamper:
+            log.warning("code sandbox: a job reached for its slot's trusted state (%s); %s", tamper,
+                        "the slot's sandbox was replaced" if "slot:" in tamper else "the process that tried was killed")
         return SandboxResult(bytes(out[out_r]), bytes(out[err_r]), exit_code, time.monotonic() - t0,
-                             reason == "timeout", reason)
+                             reason == "timeout", reason, tamper)
 
 
 def _read(fd: int, buf: bytearray, cap: int, sel: selectors.BaseSelector, drain: bool) -> bool:
@@ -409,6 +429,17 @@ def _ready(live: _Live) -> Future:
     fut: Future = Future()
     fut.set_result(live)
     return fut
+
+
+def _release(warm: dict[int, Future], cgroups: list[SlotCgroup | None], uid_locks: list[int]) -> None:
+    """Everything a Sandbox holds on the machine: its sandboxes, its slots' cgroups, its uids."""
+    _kill_warm(warm)
+    for group in cgroups:
+        if group is not None:
+            group.remove()
+    for fd in uid_locks:
+        os.close(fd)
+    uid_locks.clear()
 
 
 def _kill_warm(warm: dict[int, Future]) -> None:

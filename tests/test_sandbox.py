@@ -1,9 +1,9 @@
-"""The escape battery (issue 4's acceptance): every attack contained, with the verdict right, nothing
-left running and nothing changed on the host. Each attack is bounded: 2 s wall, 256 MB, 64 KB of
-output; the network is a 127.0.0.1 listener this module starts.
-
-Raw attacks go through `Sandbox` (the code prints what it managed; we check the host too); attacks
-on the verdict go through `CodeReward` on a small task, `add(a, b)`, whose correct solution passes.
+"""The escape battery, part 1: what a job can see and touch, its processes, its resources, and the
+refusals without isolation. Every attack contained, nothing left running, nothing changed on the
+host. Each attack is bounded: 2 s wall, 256 MB, 64 KB of output; the network is a 127.0.0.1
+listener this module starts. Raw attacks go through `Sandbox` (the code prints what it managed; we
+check the host too). Part 2, what a job leaves for the next one: test_sandbox_slots.py; part 3,
+attacks on the verdict through `CodeReward`: test_sandbox_verdict.py.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import secrets
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+from battery import CAP, WALL_S, nothing_left_running, our_processes, score, wait_no_strays  # noqa: F401
 
 from rewards.code import CodeReward
 from rewards.isolation import UID_BASE, IsolationError
@@ -24,12 +24,6 @@ from rewards.sandbox import Job, Sandbox
 
 SECRET = secrets.token_hex(16)
 os.environ["POSTTRAIN_SANDBOX_TEST_SECRET"] = SECRET  # before any sandbox is started
-WALL_S = 2.0
-CAP = 64 << 10
-ADD = {"prompt": 'def add(a, b):\n    """Return a + b."""\n',
-       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-5, 5) == 0\n",
-       "entry_point": "add"}
-ZYGOTE_MARK = "import marshal, os, resource as R"
 
 
 @pytest.fixture(scope="module")
@@ -54,41 +48,6 @@ def host_dir(tmp_path_factory):
     (d / "secret.txt").write_text(SECRET)
     (d / "secret.txt").chmod(0o644)
     return d
-
-
-def score(reward: CodeReward, completion: str) -> float | None:
-    return reward([""], [completion], **{k: [v] for k, v in ADD.items()})[0]
-
-
-def our_processes(include_warm: bool = False) -> list[str]:
-    """Sandbox processes, except warm slots (bwrap children of this process and their idle init)."""
-    procs = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        uid, ppid = int(fields["Uid"].split()[0]), int(fields["PPid"])
-        if uid >= UID_BASE or ZYGOTE_MARK in cmd or "bwrap" in cmd.split(" ")[0]:
-            procs[int(pid)] = (ppid, f"{pid} ppid={ppid} uid={uid} {fields['State']} {cmd[:80]}")
-    warm = {pid for pid, (ppid, _) in procs.items() if ppid == os.getpid()} if not include_warm else set()
-    warm |= {pid for pid, (ppid, _) in procs.items() if ppid in warm}
-    return [desc for pid, (_, desc) in procs.items() if pid not in warm]
-
-
-def wait_no_strays(seconds: float = 3.0) -> list[str]:
-    end = time.monotonic() + seconds
-    while (left := our_processes()) and time.monotonic() < end:
-        time.sleep(0.05)
-    return left
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_running():
-    yield
-    assert wait_no_strays() == []
 
 
 # --- what the code can see and touch --------------------------------------------------------------
@@ -276,90 +235,6 @@ print("still here")
     assert score(reward, "    return a + b\n") == 1.0  # the same sandboxes go on giving right verdicts
 
 
-# --- one sandbox, many jobs: nothing of a job reaches the next --------------------------------------
-
-@pytest.fixture(scope="module")
-def one_slot():
-    """One slot: every job runs in the same sandbox, one after the other, under the same zygote."""
-    b = Sandbox(timeout_s=WALL_S, memory_mb=256, max_output_bytes=CAP, workers=1, uid_base=UID_BASE + 2000)
-    yield b
-    b.close()
-
-
-def test_files_left_in_tmp_are_gone_for_the_next_job(one_slot):
-    plant = """
-import os
-os.makedirs("/tmp/a/b/c")
-open("/tmp/a/b/c/f", "w").write("x")
-open("/tmp/top", "w").write("x")
-os.symlink("/usr", "/tmp/link")
-os.chmod("/tmp/a/b", 0o000)
-os.chmod("/tmp", 0o500)
-print(sorted(os.listdir("/tmp")))
-"""
-    assert one_slot.run(plant).stdout == b"['a', 'link', 'top']\n"
-    res = one_slot.run("import os; print(os.listdir('/tmp')); open('/tmp/new', 'w').write('ok'); print('writable')")
-    assert res.stdout == b"[]\nwritable\n", res
-    assert os.path.isdir("/usr/bin")  # the symlink's target was not followed by the clean-up
-
-
-def test_a_scratch_directory_too_deep_to_clean_retires_the_sandbox(one_slot):
-    deep = "import os\nos.chdir('/tmp')\nfor _ in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')"
-    res = one_slot.run(deep)
-    assert res.stdout == b"deep\n" and res.exit_code == 0  # the job's own result stands
-    res = one_slot.run("import os; print(os.getpid(), os.listdir('/tmp'))")
-    assert res.stdout == b"2 []\n"  # the next job runs in a new sandbox (its first job is pid 2)
-
-
-def test_processes_left_behind_are_gone_for_the_next_job(one_slot):
-    leave = """
-import os, time
-for _ in range(3):
-    if os.fork() == 0:
-        os.setsid()
-        time.sleep(60)
-print("left 3")
-"""
-    assert one_slot.run(leave).stdout == b"left 3\n"
-    # kill(-1, 0) reaches every process we may signal but the namespace's init and ourselves.
-    probe = "import os\ntry:\n    os.kill(-1, 0)\n    print('others')\nexcept ProcessLookupError:\n    print('alone')"
-    assert one_slot.run(probe).stdout == b"alone\n"
-
-
-def test_sysv_shared_memory_is_refused(one_slot):
-    # It would outlive the job in the sandbox's IPC namespace: the next job could read it.
-    code = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.shmget(0, 4096, 0o1600), os.strerror(ctypes.get_errno()))"
-    assert one_slot.run(code).stdout == b"-1 Operation not permitted\n"
-
-
-def test_sigint_to_the_init_does_not_end_the_sandbox(one_slot):
-    res = one_slot.run("import os, signal\nos.kill(1, signal.SIGINT)\nos.kill(os.getppid(), signal.SIGTERM)\nprint('sent')")
-    assert res.stdout == b"sent\n" and res.exit_code == 0
-    assert one_slot.run("print('alive')").stdout == b"alive\n"
-
-
-def test_each_job_exits_like_a_fresh_interpreter(one_slot):
-    threads = ("import atexit, threading, time\natexit.register(lambda: print('atexit'))\n"
-               "threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\nprint('main')")
-    res = one_slot.run(threads)
-    assert res.stdout == b"main\nthread\natexit\n" and res.exit_code == 0
-    res = one_slot.run("import sys; sys.exit('bad input')")
-    assert res.exit_code == 1 and res.stderr == b"bad input\n"
-    res = one_slot.run("def f():\n    raise KeyError('k')\nf()")
-    assert res.exit_code == 1 and res.stderr.startswith(b"Traceback") and b"KeyError: 'k'" in res.stderr
-    assert b"run_job" not in res.stderr  # the zygote's own frame is not shown
-    draws = [one_slot.run("import random; print(random.random())", ).stdout for _ in range(2)]
-    assert draws[0] != draws[1]  # `random` reseeded per job, even when the zygote has it imported
-    res = one_slot.map([Job("import random; print(random.random())", preload=("random",))] * 2)
-    assert res[0].stdout != res[1].stdout
-
-
-def test_a_killed_job_gets_a_fresh_sandbox(one_slot):
-    assert one_slot.run("while True: pass", wall_s=0.5).killed_reason == "timeout"
-    res = one_slot.run("import os; print(os.getpid(), os.listdir('/tmp'))")
-    assert res.exit_code == 0 and res.stdout == b"2 []\n"  # the first job of a new zygote: pid 2
-
-
 # --- resources ------------------------------------------------------------------------------------
 
 def test_infinite_output_is_capped(box):
@@ -423,52 +298,6 @@ show("ptrace attach 1", libc.ptrace(16, 1, 0, 0))
     lines = res.stdout.decode().splitlines()
     assert len(lines) == 8, res
     assert all(" -1 " in line and ("Operation not permitted" in line or "Bad file" in line) for line in lines), lines
-
-
-# --- attacks on the verdict -----------------------------------------------------------------------
-
-def test_correct_solution_passes(reward):
-    assert score(reward, "    return a + b\n") == 1.0
-
-
-@pytest.mark.parametrize("completion", [
-    "import sys\nsys.exit(0)\n",                       # before the function is even defined
-    "import os\nos._exit(0)\n",
-    "    import sys\n    sys.exit(0)\n",               # as the body: exits during the tests
-    "    import os\n    os._exit(0)\n",
-    "    raise SystemExit(0)\n",
-])
-def test_exiting_early_fails(reward, completion):
-    assert score(reward, completion) == 0.0
-
-
-@pytest.mark.parametrize("completion", [
-    "    class Yes:\n        def __eq__(self, other):\n            return True\n    return Yes()\n",
-    "    class Yes(int):\n        def __eq__(self, other):\n            return True\n    return Yes(0)\n",
-    "    class Yes(list):\n        def __eq__(self, other):\n            return True\n    return Yes()\n",
-    "    import unittest.mock\n    return unittest.mock.ANY\n",
-])
-def test_always_equal_objects_fail(reward, completion):
-    assert score(reward, completion) == 0.0
-
-
-def test_forged_reports_fail(reward):
-    body = ("    import os, sys\n"
-            "    for fd in range(1, 30):\n"
-            "        for line in ('x start\\n', 'x case 0 1 0 -\\n', 'x case 1 1 0 -\\n', 'x done\\n'):\n"
-            "            try:\n                os.write(fd, line.encode())\n            except OSError:\n                pass\n"
-            "    print('x case 0 1 0 -')\n"
-            "    return None\n")
-    assert score(reward, body) == 0.0
-
-
-def test_patching_the_interpreter_does_not_help(reward):
-    # In-process tricks that beat an exec()-based checker: skip asserts by tracing, rewrite ==.
-    body = ("    import sys, builtins\n"
-            "    sys.settrace(lambda *a: None)\n"
-            "    builtins.AssertionError = type('Nope', (Exception,), {})\n"
-            "    return 0\n")
-    assert score(reward, body) == 0.0
 
 
 # --- refusing to run without isolation ------------------------------------------------------------
