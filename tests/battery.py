@@ -24,8 +24,11 @@ def score(reward: CodeReward, completion: str, task: dict = ADD) -> float | None
 
 
 def our_processes(include_warm: bool = False) -> list[str]:
-    """Sandbox processes, except warm slots (bwrap children of this process and their idle init)."""
-    procs = {}
+    """Sandbox processes (slot uids, bwrap, zygotes) that are this process's or orphans, except warm
+    slots (bwrap children of this process and their idle init). Walking up through sandbox processes,
+    the first other ancestor is us, init (an orphan: a leak) or gone; another live process's sandboxes
+    (a trainer, a bench on the same machine) are its business, not this suite's."""
+    procs, parents = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
@@ -34,11 +37,18 @@ def our_processes(include_warm: bool = False) -> list[str]:
             continue
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         uid, ppid = int(fields["Uid"].split()[0]), int(fields["PPid"])
+        parents[int(pid)] = ppid
         if uid >= UID_BASE or ZYGOTE_MARK in cmd or "bwrap" in cmd.split(" ")[0]:
             procs[int(pid)] = (ppid, f"{pid} ppid={ppid} uid={uid} {fields['State']} {cmd[:80]}")
+
+    def ours(pid: int) -> bool:
+        while pid in procs:
+            pid = parents.get(pid, 1)
+        return pid in (os.getpid(), 1) or pid not in parents
+
     warm = {pid for pid, (ppid, _) in procs.items() if ppid == os.getpid()} if not include_warm else set()
     warm |= {pid for pid, (ppid, _) in procs.items() if ppid in warm}
-    return [desc for pid, (_, desc) in procs.items() if pid not in warm]
+    return [desc for pid, (_, desc) in procs.items() if pid not in warm and ours(pid)]
 
 
 def wait_no_strays(seconds: float = 3.0) -> list[str]:
