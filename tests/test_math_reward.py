@@ -24,7 +24,19 @@ def math_reward():
 
 @pytest.mark.parametrize("text, answer, source", [
     (r"so $\boxed{\frac{\sqrt{3}}{4}}$ is the area", r"\frac{\sqrt{3}}{4}", "boxed"),
-    (r"first \boxed{1}, then \boxed{\{1, \{2\}\}}", r"\{1, \{2\}\}", "boxed"),     # last box, nested braces
+    # boxes a few characters apart, or under 70 apart with and/or/,/; between them, are one answer
+    # (Math-Verify's rule; this row kept only the last box before)
+    (r"first \boxed{1}, then \boxed{\{1, \{2\}\}}", r"1, \{1, \{2\}\}", "boxed"),
+    (r"so \boxed{\{1, \{2\}\}}.", r"\{1, \{2\}\}", "boxed"),                      # nested braces
+    (r"$$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$", "(2, 2), (6, 2)", "boxed"),
+    (r"\boxed{1} was my first guess but checking again gives \boxed{2}", "2", "boxed"),  # no separator: last box
+    (r"$\boxed{5}$, that is $\boxed{5}$", "5", "boxed"),                                 # repeats dropped
+    (r"$\boxed{28}$ percent", "28%", "boxed"),
+    # a marker after the last box wins (an intermediate value was boxed), unless only words follow it
+    (r"so $x = \boxed{200}$. Then 10,200 + 255 = 10,455. The final answer is $10,455$. I hope it is correct.",
+     "10,455", "answer"),
+    (r"\boxed{5}. The answer is correct.", "5", "boxed"),
+    (r"The answer is $\boxed{5}$.", "5", "boxed"),                                        # marker before the box
     (r"\boxed 5", "5", "boxed"),
     (r"\boxed{7", "7", "last_number"),                                            # unclosed box is not an answer
     ("She has 18 left.\n#### 18", "18", "hash"),
@@ -38,8 +50,26 @@ def math_reward():
     ("Answer: 1,000 apples", "1,000", "answer"),
     ("Answer: 3.5", "3.5", "answer"),
     ("Answer: 1. Wait, the answer is 2", "2", "answer"),                          # the last statement wins
+    ("The answer is $12$ and $13$.", "12, 13", "answer"),                              # parts of one answer
+    ("The answer is x = 3 or x = -3", "x = 3, x = -3", "answer"),
+    ("Final Answer: Jane planted 3 trees today. I hope it is correct.", "3", "answer"),   # a sentence: its number
+    ("The final answer is \\((-6, 10)\\). I hope it is correct.", "(-6, 10)", "answer"),
+    ("Answer:\n42", "42", "answer"),                                                     # on the next line
+    ("Answer: 1 000", "1000", "answer"),                                                  # spaced thousands
+    ("Answer: 2,74", "2,74", "answer"),                     # a decimal comma or a list: the check reads both
     ("I think 3 + 4 = 7", "7", "last_number"),
     ("It is 50%", "50%", "last_number"),
+    ("It is 50 percent of it", "50%", "last_number"),
+    ("It costs 1 000 000 dollars", "1000000", "last_number"),
+    ("the number is 1,000.99m²", "1,000.99", "last_number"),                             # units glued on
+    ("Soucis : 2,74 $ a..", "2,74", "last_number"),
+    ("AZYUK2A", None, None),                                                              # no number inside words
+    # without a box or marker, unless strict: the last LaTeX math or the last number, whichever ends later
+    (r"Therefore $x \geq 5$ is the solution.", r"x \geq 5", "last_math"),
+    (r"The roots are $-2$ and $1$.", "-2, 1", "last_math"),
+    (r"It is \[\begin{pmatrix} 1 \\ 2 \end{pmatrix}\] and so 3 of them", "3", "last_number"),
+    (r"so it is \frac{10}{9}", r"\frac{10}{9}", "last_math"),
+    ("Answer $ \n 9 \n $", "9", "last_number"),                          # inline $...$ is one line: not math
     ("no idea", None, None),
 ])
 def test_extraction(text, answer, source):
@@ -48,6 +78,7 @@ def test_extraction(text, answer, source):
 
 def test_strict_extraction_has_no_last_number_fallback():
     assert extract_answer("I think 3 + 4 = 7", strict=True) == (None, None)
+    assert extract_answer(r"I think it is $\frac{1}{2}$", strict=True) == (None, None)
 
 
 # ----------------------------------------------------------------------------- equivalence table
@@ -83,6 +114,10 @@ TABLE = [
     ("10000", r"\boxed{10{,}000}", True),
     ("1234567", "The answer is 1,234,567.", True),
     ("1000", "Answer: 1,001", False),
+    ("1000", "It is 1 000.", True),
+    ("2.74", "Answer: 2,74", True),                # a decimal comma ...
+    (r"\{2, 74\}", "Answer: 2,74", True),          # ... or a list: either reading counts
+    ("2.75", "Answer: 2,74", False),
     # square roots
     (r"\sqrt{2}", r"\boxed{2^{1/2}}", True),
     (r"\frac{\sqrt{2}}{2}", r"\boxed{\frac{1}{\sqrt{2}}}", True),
@@ -98,6 +133,10 @@ TABLE = [
     (r"\{1,2\}", r"\boxed{\{2, 1\}}", True),
     (r"\{1,2\}", r"\boxed{\{1, 3\}}", False),
     ("3", r"\boxed{\{3,4\}}", False),
+    ("2", r"\boxed{1} and \boxed{2}", False),      # two boxed candidates are one answer: no credit for hedging
+    (r"\{1,2\}", r"\boxed{1} and \boxed{2}", True),
+    ("-2,1", r"The roots are $-2$ and $1$.", True),
+    ("10455", r"so $\boxed{255}$ is the interest. The final answer is $10,455$.", True),
     # matrices
     (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\boxed{\begin{bmatrix}1&2\\3&4\end{bmatrix}}", True),
     (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\boxed{\begin{pmatrix}1&2\\3&5\end{pmatrix}}", False),
