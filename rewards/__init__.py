@@ -20,8 +20,8 @@ Built-in names: `math` (answer extraction + Math-Verify in killable workers), `f
 `Answer: <x>` format), `code` (sandboxed execution of model-written Python), `safety` (refusals,
 over-refusal, toxicity, PII, by hazard category). Installed packages add names through the
 `posttrain.rewards` entry-point group; any file or module works as `path.py:attr` / `module:attr`.
-Files: base.py (interface, deadlines, combination), workers.py (killable worker processes), registry.py (names), math.py,
-code.py + sandbox.py, safety.py.
+Files: base.py (interface, deadlines, combination), workers.py (killable worker processes), registry.py
+(names), math.py + math_extract.py, code.py + code_harness.py + sandbox.py + isolation.py, safety.py.
 """
 
 import importlib

@@ -5,7 +5,7 @@ huggingface/Math-Verify's tests at the commit it names (made by tests/data/make_
 which also lists what it left out and why). Each row is run (a) through raw Math-Verify exactly as
 the upstream test runs it (the reference agreement, computed, not assumed) and (b) through
 `rewards.get("math")` with the prediction as the completion and the gold as the `answer` column.
-The reward may differ from Math-Verify where that is a documented choice for RL (rewards/math.py),
+The reward may differ from Math-Verify where that is a documented choice for RL (rewards/math_extract.py),
 but overall it must agree with the expected verdicts at least as often as Math-Verify, minus one
 percentage point. Run with -s to see both figures."""
 

@@ -302,8 +302,8 @@ def test_docstring_examples_run():
     import doctest
     import importlib
 
-    for name in ("rewards.base", "rewards.workers", "rewards.registry", "rewards.math", "rewards.safety", "data.arithmetic",
-                 "data.safety", "data"):
+    for name in ("rewards.base", "rewards.workers", "rewards.registry", "rewards.math", "rewards.math_extract",
+                 "rewards.safety", "data.arithmetic", "data.safety", "data"):
         module = importlib.import_module(name)
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, f"{name}: {result.failed} docstring example(s) failed"
