@@ -1,11 +1,5 @@
 """Math reward: extract the final answer, then check it against the reference with Math-Verify.
 
-    >>> extract_answer("so 27 + 45 = 72. Answer: 72")
-    Extracted(answer='72', source='answer')
-    >>> extract_answer(r"The area is $\\boxed{\\frac{\\sqrt{3}}{4}}$.")
-    Extracted(answer='\\\\frac{\\\\sqrt{3}}{4}', source='boxed')
-    >>> extract_answer(r"The solutions are $\\boxed{(1, 2)}$ and $\\boxed{(2, 1)}$.")
-    Extracted(answer='(1, 2), (2, 1)', source='boxed')
 
 Extraction (`rewards/math_extract.py`, in the trainer's process, no sympy): the boxes, markers and
 fallbacks of Math-Verify's parser, with the deliberate differences listed there.
