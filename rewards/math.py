@@ -1,6 +1,5 @@
 """Math reward: extract the final answer, then check it against the reference with Math-Verify.
 
-
 Extraction (`rewards/math_extract.py`, in the trainer's process, no sympy): the boxes, markers and
 fallbacks of Math-Verify's parser, with the deliberate differences listed there.
 
