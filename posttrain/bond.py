@@ -1,4 +1,4 @@
-"""J-BOND's objective (BOND, Sessa et al. 2024; DESIGN.md section 8): small, pure, shape-documented.
+"""J-BOND's objective (BOND, Sessa et al. 2024, arXiv:2407.14622): small, pure, shape-documented.
 
 Best-of-N distills into the policy: with p(y) = P[r(y') <= r(y)] for y' ~ anchor, the Best-of-N
 distribution is anchor(y) p(y)^(N-1) (ties aside). Per prompt, S policy samples y_s and k anchor

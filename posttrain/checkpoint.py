@@ -28,7 +28,7 @@ from .model import Gemma3, GemmaConfig
 
 log = logging.getLogger(__name__)
 
-# Key prefixes of the text decoder in the layouts we accept (DESIGN.md section 4):
+# Key prefixes of the text decoder in the layouts we accept (README, "Using the pieces"):
 # Gemma3ForCausalLM, Gemma3ForConditionalGeneration as on the hub, and as current HF writes it.
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 # Multimodal parts we do not load yet; reported, not silently dropped.

@@ -2,7 +2,7 @@
 
     ema_(anchor, policy, rate=0.01)                       J-BOND / WARP anchor, in place
     merged = slerp_many(init, [theta_1, ..., theta_M], reduce=all_reduce_sum)   WARP merge
-    next_init = liti(init, merged, eta=0.3)               WARP LITI (DESIGN.md section 8)
+    next_init = liti(init, merged, eta=0.3)               WARP LITI (Ramé et al. 2024, arXiv:2406.16768)
 
 A state is `dict[str, Tensor]`. Under DeepSpeed ZeRO-3 each rank holds a flat 1-D partition of
 each parameter (zero-padded at the end), so everything here works tensor by tensor, element-wise,

@@ -1,6 +1,6 @@
 """The Gemma 3 text decoder, and nothing else.
 
-Numbers and rules come from DESIGN.md section 4 (checked against the Gemma 3 report,
+Numbers and rules come from the Gemma 3 Technical Report, Gemma Team 2025, arXiv:2503.19786 (checked against
 google/gemma_pytorch and transformers). Checkpoint formats are handled in checkpoint.py;
 this file knows only our own parameter names, which mirror the HF ones without the
 `model.` prefix so conversion stays a key rename.
@@ -77,7 +77,7 @@ class GemmaConfig:
         return {"global": n_global * per_layer, "sliding": (self.num_layers - n_global) * per_layer}
 
 
-# The released Gemma 3 text models (DESIGN.md section 4 table).
+# The released Gemma 3 text models (the Gemma 3 report's Tables 1 and 3).
 PRESETS: dict[str, GemmaConfig] = {
     "270m": GemmaConfig(),
     "1b": GemmaConfig(

@@ -1,4 +1,4 @@
-"""Policy-gradient terms for J-BOND and WARP (DESIGN.md section 8): small, pure, shape-documented.
+"""Policy-gradient terms for J-BOND and WARP (README, "Policy: J-BOND and WARP"): small, pure, shape-documented.
 
 Per-token log-probs with gradient come from `losses.sequence_logprobs` (chunked, never N x V):
 

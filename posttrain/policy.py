@@ -1,4 +1,4 @@
-"""Stage `policy`: J-BOND, WARP, or J-BOND then WARP (DESIGN.md section 8; bond.py, warp.py, merge.py).
+"""Stage `policy`: J-BOND, WARP, or J-BOND then WARP (README "Policy: J-BOND and WARP"; bond.py, warp.py, merge.py).
 
     summary = run_policy(cfg, student, tok, reward_model_path)   # writes <run_dir>/<name>/policy/
 

@@ -4,7 +4,7 @@
     out = sampler.generate([[2, 651, 6037], [2, 9259]], n=4, max_new_tokens=64, temperature=1.0, seed=0)
     out[0][3].tokens, out[0][3].logprobs, out[0][3].finish_reason    # prompt 0, sample 3
 
-Design (DESIGN.md section 5):
+Design (README, "Sampling"):
 - One static cache per call, sized to the call: global layers hold `longest prompt +
   max_new_tokens` slots; sliding layers hold a ring of min(W, that) slots, so 5 of every 6
   layers cost O(W) whatever the context.

@@ -1,4 +1,4 @@
-"""WARP (Ramé et al. 2024; DESIGN.md section 8): RL runs from a shared init, SLERP, LITI, iterated.
+"""WARP (Ramé et al. 2024, arXiv:2406.16768; README "Policy"): RL runs from a shared init, SLERP, LITI, iterated.
 
     result = warp(init, run_rl, evaluate, runs=2, iterations=2, liti_eta=0.3, reduce=all_reduce_sum)
     front = eta_sweep(result.last_init, result.last_merged, [0.1, 0.3, 0.5, 1.0], evaluate)
