@@ -25,8 +25,9 @@ kind is divided by W once the ZeRO stage shards it, and is whole below that stag
     peak = persistent (trained + frozen + anchor) + max(train step, rollout phase)
 
 Rows per step: distill micro_batch; warm 2 x micro_batch (chosen, rejected); J-BOND
-2 x micro_batch trained (policy sample + best anchor sample) and micro_batch x anchor_samples
-rolled out; WARP micro_batch x samples_per_prompt. A rough guide, within tens of percent:
+micro_batch x (samples_per_prompt + 1) trained (the policy samples and the best anchor sample, as
+policy.bond_step does) and micro_batch x max(samples_per_prompt, anchor_samples) rolled out; WARP
+micro_batch x samples_per_prompt. A rough guide, within tens of percent:
 allocator fragmentation, DeepSpeed buckets and CUDA context (1-3 GB) are not counted.
 """
 
@@ -198,7 +199,8 @@ def _policy(cfg: Config, policy: ModelPlan, rm: ModelPlan | None) -> StageMemory
     if rm is not None:
         mem.rows |= _frozen(cfg, rm, "reward model (frozen)")
     # (trained rows, rolled-out rows); bond_then_warp runs both phases, so its peak is the larger.
-    phases = [(2 * mb, mb * p.anchor_samples)] if "bond" in p.algorithm else []
+    phases = [(mb * (p.samples_per_prompt + 1), mb * max(p.samples_per_prompt, p.anchor_samples))] \
+        if "bond" in p.algorithm else []
     phases += [(mb * p.samples_per_prompt,) * 2] if "warp" in p.algorithm else []
     train_rows, rollout_rows = max(r[0] for r in phases), max(r[1] for r in phases)
     mem.train = _train_step(cfg, policy, train_rows)

@@ -139,3 +139,14 @@ def test_smoke_runs_end_to_end(tmp_path):
     export = tmp_path / "smoke" / "export"
     assert posttrain.read_config(export).hidden_size == 64
     assert (export / "tokenizer.model").exists() and (export / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("samples", [2, 4])
+def test_plan_trains_as_many_jbond_rows_as_the_code(samples):
+    """policy.bond_step trains, per prompt, its samples_per_prompt policy samples and the best anchor
+    sample: the plan's train step is that of a distill step with as many rows."""
+    cfg = load_config(["recipe=it_4b", "stages=[policy]", "policy.algorithm=bond",
+                       f"policy.samples_per_prompt={samples}"])
+    rows = cfg.data.micro_batch_size * (samples + 1)
+    same = load_config(["recipe=it_4b", "stages=[distill]", f"data.micro_batch_size={rows}"])
+    assert plan(cfg).stages["policy"].train == plan(same).stages["distill"].train
