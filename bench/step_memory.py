@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .losses import chunked_cross_entropy
+from posttrain.losses import chunked_cross_entropy
 
 
 class _Tap(torch.autograd.Function):
