@@ -141,6 +141,11 @@ def _sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def default_warmup(steps: int, warmup_steps: int | None) -> int:
+    """A stage's warm-up: the recipe's, else min(steps // 10, 50)."""
+    return min(steps // 10, 50) if warmup_steps is None else warmup_steps
+
+
 def lr_lambda(steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Linear warm-up from 0 to the peak over warmup_steps, then cosine decay to 10% of it at `steps`."""
     def f(step: int) -> float:
@@ -158,7 +163,7 @@ def ds_config(cfg: Config, *, lr: float, grad_accum: int, train: bool = True) ->
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": 1.0,
+        "gradient_clipping": d.grad_clip,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": d.zero_stage},
@@ -166,8 +171,8 @@ def ds_config(cfg: Config, *, lr: float, grad_accum: int, train: bool = True) ->
     }
     if train:
         # torch_adam: torch's AdamW (DeepSpeed's fused CPU Adam needs a C++ build at first use).
-        conf["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                         "weight_decay": 0.0, "torch_adam": not on_gpu}}
+        conf["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": list(d.adam_betas), "eps": d.adam_eps,
+                                                         "weight_decay": d.weight_decay, "torch_adam": not on_gpu}}
         if d.offload_optimizer:
             conf["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if d.zero_stage == 3:
@@ -208,10 +213,7 @@ class Engine:
         autocast = torch.bfloat16 if cfg.distributed.autocast == "bf16" else None
         self.wrapped = WithHead(model.train(), autocast) if isinstance(model, Gemma3) else model.train()
         conf = ds_config(cfg, lr=lr, grad_accum=grad_accum or cfg.data.grad_accum)
-        optimizer_holder: list = []
-
         def scheduler(optimizer):
-            optimizer_holder.append(optimizer)
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, warmup_steps))
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

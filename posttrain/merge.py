@@ -104,11 +104,13 @@ def lerp(a: State, b: State, t: float) -> State:
 
 @torch.no_grad()
 def uniform_average(states: list[State]) -> State:
-    """(1 / M) * sum_m theta_m per tensor."""
+    """(1 / M) * sum_m theta_m per tensor, summed in float64 (WARM's average of M reward models)."""
     check_compatible(states, "uniform_average(states)")
     out = {}
     for key, t in states[0].items():
-        total = sum(s[key].to(_dtype(t)) for s in states)
+        total = torch.zeros_like(t, dtype=torch.float64)
+        for s in states:
+            total += s[key].double()
         out[key] = (total / len(states)).to(t.dtype)
     return out
 

@@ -333,16 +333,6 @@ def param_counts(cfg: GemmaConfig) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
-def flops_per_token(cfg: GemmaConfig, context: int) -> float:
-    """Forward FLOPs per token: 2 per matmul weight (head included) plus attention over `context` keys."""
-    counts = param_counts(cfg)
-    attn = 0
-    for i in range(cfg.num_layers):
-        keys = context if cfg.is_global(i) else min(context, cfg.sliding_window)
-        attn += 2 * 2 * cfg.num_heads * cfg.head_dim * keys  # q.k and p.v
-    return 2 * counts["total"] + attn
-
-
 def build_model(cfg: GemmaConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = None) -> Gemma3:
     """A randomly initialised model (normal(0, 0.02) matrices, zero norms). Meta device: no init."""
@@ -384,5 +374,5 @@ def prune_layers(model: Gemma3, keep: list[int]) -> Gemma3:
 __all__ = [
     "GemmaConfig", "PRESETS", "Gemma3", "RMSNorm", "build_model", "init_weights", "param_counts", "prune_layers",
     "pruned_config",
-    "flops_per_token", "SLIDING", "GLOBAL",
+    "SLIDING", "GLOBAL",
 ]

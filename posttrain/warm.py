@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .engine import Engine, all_sum, barrier, rank, world_size, write_json_atomic
+from .engine import Engine, all_sum, default_warmup, barrier, rank, world_size, write_json_atomic
 from .errors import UserError
-from .merge import lerp
+from .merge import lerp, uniform_average
 from .model import Gemma3
 from .reward_model import Pair, RewardModel, bradley_terry_loss, collate_pairs, pair_examples
 from .tracking import Tracker, progress
@@ -138,13 +138,7 @@ def average_shards(members: list[dict]) -> dict[str, torch.Tensor]:
             if t.shape != ref["shards"][name].shape:
                 raise UserError(f"WARM member {m}'s tensor {name} has shape {tuple(t.shape)}, member 0's "
                                 f"{tuple(ref['shards'][name].shape)}: members must share one architecture")
-    out = {}
-    for name in ref["shards"]:
-        acc = torch.zeros_like(ref["shards"][name], dtype=torch.float64)
-        for member in members:
-            acc += member["shards"][name].double()
-        out[name] = (acc / len(members)).to(ref["shards"][name].dtype)
-    return out
+    return uniform_average([member["shards"] for member in members])
 
 
 def _device(module) -> torch.device:
@@ -154,10 +148,6 @@ def _device(module) -> torch.device:
 
 def _load_member(path: Path) -> dict:
     return torch.load(path / f"shard_rank{rank()}.pt", weights_only=True)
-
-
-def _assign(engine: Engine, shards: dict[str, torch.Tensor]) -> None:
-    engine.assign_local(shards)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -179,7 +169,7 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
     torch.manual_seed(settings["seed"])
     member = copy.deepcopy(init)
     member.set_dropout(settings["dropout"])
-    engine = Engine(member, cfg, lr=settings["lr"], steps=w.steps, warmup_steps=min(w.steps // 10, 50), out_dir=mdir)
+    engine = Engine(member, cfg, lr=settings["lr"], steps=w.steps, warmup_steps=default_warmup(w.steps, w.warmup_steps), out_dir=mdir)
     start, extra = engine.resume() if cfg.resume else (0, None)
     per_step = B * world_size()
     epoch_len = max(1, len(train) // per_step)
@@ -236,9 +226,6 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
 def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) -> dict:
     w, data_cfg = cfg.warm, cfg.data
     out_dir = Path(out_dir or cfg.out_dir / "warm")
-    if data_cfg.preferences is None:
-        raise UserError("stage 'warm' needs data.preferences (pairs: prompt/chosen/rejected, or chosen/rejected "
-                        "message lists), e.g. data.preferences=arithmetic_pairs")
     from .distill import load_split
 
     rows = load_split(data_cfg.preferences, "data.preferences")
@@ -271,7 +258,7 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
     final.head.load_state_dict(init.head.state_dict())
     engine = Engine(final, cfg, lr=1e-9, steps=1, warmup_steps=0, out_dir=out_dir / "average")
     members = [_load_member(out_dir / f"member_{m}") for m in range(w.members)]  # this rank's parts
-    _assign(engine, average_shards(members))
+    engine.assign_local(average_shards(members))
     engine.model.eval()
     warm_margins = margins(engine.module, held, pad, B)
     ens = [sum(col) / len(col) for col in zip(*(r["margins"] for r in results))]
@@ -289,10 +276,10 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
             if lam in known:
                 path.append(known[lam])
                 continue
-            _assign(engine, lerp(members[0]["shards"], members[1]["shards"], lam))
+            engine.assign_local(lerp(members[0]["shards"], members[1]["shards"], lam))
             path.append(accuracy(margins(engine.module, held, pad, B)))
         table["path_lambdas"], table["path_accuracy"] = list(LAMBDAS), path
-        _assign(engine, average_shards(members))
+        engine.assign_local(average_shards(members))
     with engine.full_weights():
         if rank() == 0:
             engine.model.save(out_dir / "reward_model", tok)
