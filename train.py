@@ -85,8 +85,6 @@ def distill(cfg: Config, models: dict, tok) -> None:
     """SFT on the teacher's distribution (posttrain/distill.py); the next stages get the trained student."""
     from posttrain.distill import run_distill
 
-    if "teacher" not in models:
-        raise UserError("stage 'distill' needs model.teacher")
     models.setdefault("summaries", {})["distill"] = run_distill(cfg, models["student"], models["teacher"], tok)
     final = cfg.out_dir / "distill" / "final"
     models["student"] = load_model(final, dtype=getattr(torch, cfg.model.student.dtype))
@@ -179,10 +177,13 @@ def run(argv: list[str]) -> int:
         print_config(cfg)
         log(f"saved {save_config(cfg)}")
 
-    # 2. dry run: what would run, on what, in how much memory; no weights read
+    # 2. dry run: what would run, on what, in how much memory; no weights read. A real run stops here,
+    # before any weights load, if a stage lacks its data (the plan lists it as a note).
     if cfg.dry_run:
         log("\n" + plan(cfg).format())
         return 0
+    if missing := cfg.missing_data():
+        raise UserError("\n".join(missing))
 
     # 3. process group (torchrun's, or a world of one), models and tokenizer
     from posttrain.engine import init_distributed

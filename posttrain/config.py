@@ -128,8 +128,14 @@ class DistributedSection(Section):
     compile: bool = Field(False, description="torch.compile each decoder block of the trained model (GPU: "
                           "about 2x the tokens/s of eager on the 270M, bench/train_step_cuda.py; the first "
                           "steps pay the compile)")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (DeepSpeed's "
+                             "gradient_clipping; 0 turns clipping off), in every trained stage")
+    adam_betas: list[float] = Field(default_factory=lambda: [0.9, 0.999],
+                                    description="AdamW's [beta1, beta2], every trained stage")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay (0: none)")
     ds_config: dict[str, Any] = Field(default_factory=dict, description="extra DeepSpeed config, merged over "
-                                      "the generated one (e.g. {gradient_clipping: 1.0})")
+                                      "the generated one (e.g. {zero_optimization: {overlap_comm: true}})")
 
     @field_validator("autocast", mode="before")
     @classmethod
@@ -143,6 +149,9 @@ class DistributedSection(Section):
                              f"distributed.nodes ({self.nodes})")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"distributed.adam_betas must be [beta1, beta2], each in [0, 1), got {self.adam_betas}; "
+                             "fix: e.g. distributed.adam_betas=[0.9,0.999]")
         return self
 
 
@@ -210,11 +219,11 @@ class WarmSection(Section):
                                   "over (paper: {0.05, 0.1}; [0.0] keeps a probed head intact on small models)")
     probe_steps: int = Field(100, ge=0, description="linear-probing steps of the shared scalar head, "
                              "backbone frozen, before the members fork")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps of each member, then cosine "
+                                     "decay; None: min(steps // 10, 50)")
     steps: int = Field(1000, ge=0, description="fine-tuning steps per member")
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin: loss = -log sigmoid(r_chosen - "
                           "r_rejected - margin)")
-    ensemble_baseline: bool = Field(True, description="report prediction ensembling (ENS, the paper's "
-                                    "baseline: the mean of the members' scores) beside WARM")
     probe_lr: float = Field(1e-3, gt=0, description="learning rate of the linear probe (the head alone, Adam)")
     eval_share: float = Field(0.1, gt=0, lt=1, description="share of data.preferences held out for evaluation "
                               "when data.eval_preferences is not set")
@@ -239,12 +248,15 @@ class PolicySection(Section):
         "bond", description="bond: J-BOND; warp: WARP; bond_then_warp: J-BOND, then WARP from its result")
     steps: int = Field(1000, ge=0, description="optimizer steps of J-BOND, and of each WARP run per iteration")
     lr: float = Field(1e-6, gt=0, description="learning rate (AdamW)")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps of J-BOND and of each WARP run, "
+                                     "then cosine decay; None: min(steps // 10, 50)")
     max_new_tokens: int = Field(256, ge=1, description="rollout length cap")
     temperature: float = Field(1.0, ge=0, description="rollout sampling temperature (0 = greedy)")
     stop: list[str] = Field(default_factory=list, description="stop strings besides <end_of_turn> and <eos>, for "
                             "rollouts and evaluation: generation stops at the first token whose text contains one "
                             "(matched within a token, not across tokens), e.g. [\"\\n\"] for one-line answers")
-    samples_per_prompt: int = Field(2, ge=2, description="WARP: completions per prompt (leave-one-out baseline)")
+    samples_per_prompt: int = Field(2, ge=2, description="policy completions per prompt (J-BOND's backward term, "
+                                    "WARP's leave-one-out baseline)")
     tie_break: Literal["half", "reward_model"] = Field(
         "half", description="J-BOND ties between rewards (0/1 verifiers): count as half a win, or break "
         "with the learned reward model's score")
@@ -350,6 +362,17 @@ class Config(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="step checkpoints "
                                           "of the training stages (resume=true continues from the newest)")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="experiment tracking")
+
+    def missing_data(self) -> list[str]:
+        """The data each planned stage needs and the config does not name, one line each with the fix.
+        Checked when the config is read, so no stage finds it after the ones before it have trained."""
+        needs = [("distill", "train", "a .jsonl/.json/.parquet path, a bundled dataset name or a hub dataset",
+                  "data.train=arithmetic"),
+                 ("warm", "preferences", "pairs: prompt/chosen/rejected, or chosen/rejected message lists",
+                  "data.preferences=arithmetic_pairs"),
+                 ("policy", "prompts", "rows with a prompt and the columns its rewards read", "data.prompts=arithmetic")]
+        return [f"stage '{stage}' needs data.{key} ({what}); fix: e.g. {fix}, or drop '{stage}' from stages"
+                for stage, key, what, fix in needs if stage in self.stages and getattr(self.data, key) is None]
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

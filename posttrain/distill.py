@@ -215,9 +215,6 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     """Train the student on the teacher's distribution; returns the summary (also <stage dir>/summary.json)."""
     d, data_cfg = cfg.distill, cfg.data
     out_dir = Path(out_dir or cfg.out_dir / "distill")
-    if data_cfg.train is None:
-        raise UserError("stage 'distill' needs data.train (a .jsonl/.json/.parquet path, a bundled dataset "
-                        "name such as 'arithmetic', or a hub dataset)")
     context = read_context(d.teacher_context)
     on_policy = d.method == "on_policy"
     rows = load_split(data_cfg.train, "data.train")

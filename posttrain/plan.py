@@ -210,7 +210,7 @@ def _policy(cfg: Config, policy: ModelPlan, rm: ModelPlan | None) -> StageMemory
 
 def plan(cfg: Config) -> Plan:
     """Architectures, parameter counts and memory per device of every planned stage; no weights read."""
-    notes = []
+    notes = [f"not runnable as it is: {line}" for line in cfg.missing_data()]
     models = {"student": _model_plan("student", cfg.model.student)}
     if cfg.model.teacher is not None:
         models["teacher"] = _model_plan("teacher", cfg.model.teacher)

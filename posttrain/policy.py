@@ -32,7 +32,7 @@ import torch
 from .bond import best_anchor, jbond_loss, quantile_reward, wins
 from .config import Config
 from .data import Example, to_messages
-from .engine import Engine, all_sum, rank, world_size, write_json_atomic
+from .engine import Engine, all_sum, default_warmup, rank, world_size, write_json_atomic
 from .errors import UserError
 from .loader import collate
 from .losses import sequence_logprobs
@@ -360,7 +360,7 @@ def _log_samples(name, engine, prompts, reward, cfg, tok, tracker, step) -> None
 
 def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path) -> dict:
     p = cfg.policy
-    engine = Engine(student, cfg, lr=p.lr, steps=p.steps, warmup_steps=min(p.steps // 10, 50), out_dir=out_dir,
+    engine = Engine(student, cfg, lr=p.lr, steps=p.steps, warmup_steps=default_warmup(p.steps, p.warmup_steps), out_dir=out_dir,
                     grad_accum=1)  # one rollout batch per optimizer step: the anchor follows every step
     start, extra = engine.resume() if cfg.resume else (0, None)
     state = (engine.resumed_rank_state or {}).get("anchor")
@@ -391,11 +391,6 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
     from .distill import load_split
 
     p, out_dir = cfg.policy, Path(out_dir or cfg.out_dir / "policy")
-    if cfg.data.prompts is None:
-        raise UserError("stage 'policy' needs data.prompts (rows with a prompt and the columns its rewards read, "
-                        "e.g. the bundled 'arithmetic')")
-    if not cfg.rewards:
-        raise UserError("stage 'policy' needs at least one entry in `rewards`")
     prompts = Prompts(load_split(cfg.data.prompts, "data.prompts"), tok, "data.prompts")
     held = Prompts(load_split(cfg.data.eval, "data.eval"), tok, "data.eval") if cfg.data.eval else None
     reward = build_reward(cfg, reward_model_path)

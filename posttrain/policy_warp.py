@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .engine import Engine, all_sum, barrier, rank, world_size, write_json_atomic
+from .engine import Engine, all_sum, default_warmup, barrier, rank, world_size, write_json_atomic
 from .model import Gemma3
 from .policy import Anchor, Prompts, _seed, evaluate, rollout, seq_logprobs, train_loop, warp_step
 from .warp import eta_sweep, warp
@@ -58,7 +58,7 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
         final = rdir / f"final_rank{rank()}.pt"
         if cfg.resume and final.exists():
             return torch.load(final, weights_only=True)
-        engine = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=p.steps, warmup_steps=min(p.steps // 10, 50),
+        engine = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=p.steps, warmup_steps=default_warmup(p.steps, p.warmup_steps),
                         out_dir=rdir, grad_accum=1)
         engine.assign_local(init)
         start, _ = engine.resume() if cfg.resume else (0, None)

@@ -212,3 +212,38 @@ def test_help_lists_keys(capsys):
     assert train.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "torchrun --nproc_per_node=2 train.py recipe=smoke" in out and "distill.num_samples (int = 256)" in out
+
+
+def test_optimizer_knobs_reach_deepspeed_and_warmups_default_as_before():
+    from posttrain.engine import default_warmup, ds_config
+
+    conf = ds_config(load_config(["recipe=smoke"]), lr=1e-4, grad_accum=1)
+    assert conf["gradient_clipping"] == 1.0  # today's values are the defaults
+    assert conf["optimizer"]["params"] | {"torch_adam": None} == {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                                   "weight_decay": 0.0, "torch_adam": None}
+    cfg = load_config(["recipe=smoke", "distributed.grad_clip=0.5", "distributed.adam_betas=[0.8,0.95]",
+                       "distributed.adam_eps=1e-6", "distributed.weight_decay=0.1", "distributed.ds_config.steps_per_print=7"])
+    conf = ds_config(cfg, lr=1e-4, grad_accum=1)
+    assert conf["gradient_clipping"] == 0.5 and conf["steps_per_print"] == 7
+    params = conf["optimizer"]["params"]
+    assert (params["betas"], params["eps"], params["weight_decay"]) == ([0.8, 0.95], 1e-6, 0.1)
+    assert [default_warmup(s, None) for s in (8, 300, 1000)] == [0, 30, 50]  # min(steps // 10, 50)
+    assert default_warmup(1000, 7) == 7
+    cfg = load_config(["recipe=smoke", "warm.warmup_steps=3", "policy.warmup_steps=0"])
+    assert (cfg.warm.warmup_steps, cfg.policy.warmup_steps, load_config(["recipe=smoke"]).warm.warmup_steps) == (3, 0, None)
+    with pytest.raises(UserError, match=r"adam_betas must be \[beta1, beta2\].*fix: e.g."):
+        load_config(["recipe=smoke", "distributed.adam_betas=[0.9,1.0]"])
+
+
+@pytest.mark.parametrize("key, stage", [("train", "distill"), ("preferences", "warm"), ("prompts", "policy")])
+def test_a_stage_without_its_data_is_found_before_any_weights_load(key, stage, tmp_path):
+    """Not after the stages before it have trained: train.py stops right after reading the config, with
+    one error line and exit 2; a dry run lists the problem in its plan and exits 0."""
+    nowhere = "model.student.source=/nonexistent/weights"  # loading any weights would fail differently
+    res = subprocess.run([sys.executable, "train.py", "recipe=smoke", f"data.{key}=null", f"run_dir={tmp_path}",
+                          nowhere], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith(f"error: stage '{stage}' needs data.{key} "), res.stderr
+    assert f"fix: e.g. data.{key}=" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "train.py", "recipe=smoke", f"data.{key}=null", "dry_run=true",
+                          f"run_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and f"not runnable as it is: stage '{stage}' needs data.{key}" in res.stdout + res.stderr
