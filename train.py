@@ -28,7 +28,7 @@ from posttrain.checkpoint import load_model, save_pretrained
 from posttrain.config import Config, ModelSpec
 from posttrain.recipe import describe_keys, load_config, print_config, save_config
 from posttrain.embedded import EMBEDDED_NAME
-from posttrain.errors import UserError
+from posttrain.errors import Preempted, UserError
 from posttrain.model import Gemma3, build_model, param_counts, prune_layers
 from posttrain.plan import check_arch, kept_layers, plan
 from posttrain.sampler import Sampler
@@ -162,6 +162,10 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         return run(argv)
+    except Preempted as e:  # the checkpoint is written: exit 0, so a scheduler requeues the job
+        if RANK == 0:
+            print(f"\n{e}", flush=True)
+        return 0
     except UserError as e:
         # Every rank hits the same config error: one report per node (paths can differ by node).
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -33,7 +33,7 @@ from .bond import best_anchor, jbond_loss, quantile_reward, wins
 from .config import Config
 from .data import Example, to_messages
 from .engine import Engine, all_sum, default_warmup, rank, world_size, write_json_atomic
-from .errors import UserError
+from .errors import Preempted, UserError
 from .loader import collate
 from .losses import sequence_logprobs
 from .merge import ema_
@@ -337,12 +337,10 @@ def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prom
         if (engine.should_save(done) and done < p.steps) or stop:
             engine.save(done, extra={"before": before}, rank_state={"anchor": anchor.state})
         if stop:
-            if rank() == 0:
-                print(f"\n{name}: SIGTERM: saved step {done} in {engine.ckpt_dir}; resume with resume=true")
             bar.close()
             tracker.finish()
             engine.close()
-            raise SystemExit(0)
+            raise Preempted(f"{name}: SIGTERM: saved step {done} in {engine.ckpt_dir}; resume with resume=true")
     bar.close()
     if log_samples and p.steps > start:
         _log_samples(name, engine, prompts, reward, cfg, tok, tracker, step_offset + p.steps)
