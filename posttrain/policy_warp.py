@@ -2,8 +2,8 @@
 
     summary = run_warp(cfg, base, tok, prompts, held, reward, verifier, tracker, out_dir)
 
-M RL runs per iteration, each with its own engine, seed and prompt order and an EMA anchor (policy.py's
-train_loop and warp_step); their final shards are merged by SLERP and LITI (warp.warp) on each rank's
+M RL runs per iteration, each with its own engine, seed and prompt order and an EMA anchor (rl.py's
+train_loop, and warp_step here); their final shards are merged by SLERP and LITI (warp.warp) on each rank's
 shards; every stage of every iteration is evaluated (the held-out verifier, the training reward, KL to the
 iteration's init); the final merge is swept over policy.eta_sweep (json, png, wandb table). A finished
 run's shards are kept (iter<i>/run<m>/final_rank<r>.pt), so resume=true skips it.
@@ -18,8 +18,9 @@ import torch
 from .config import Config
 from .engine import Engine, all_sum, default_warmup, barrier, rank, world_size, write_json_atomic
 from .model import Gemma3
-from .policy import Anchor, Prompts, _seed, evaluate, rollout, seq_logprobs, train_loop, warp_step
-from .warp import eta_sweep, warp
+from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, rollout, rollout_metrics, score,
+                 seq_logprobs, step_seed, train_loop)
+from .warp import eta_sweep, warp, warp_loss
 
 
 def warp_steps(cfg: Config, first: int = 0):
@@ -40,6 +41,31 @@ def warp_steps(cfg: Config, first: int = 0):
         return block(it) + p.warp_runs * p.steps + 1  # slerp, liti
 
     return block, stage
+
+
+def warp_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], reward, cfg: Config, tok,
+              seed: int) -> dict:
+    p, pad = cfg.policy, tok.pad_id
+    pol = rollout(engine, prompts, idx, p.samples_per_prompt, cfg, tok, seed)
+    with anchor.swapped_in(engine), torch.no_grad():
+        anchor_lp = seq_logprobs(engine, prompts, idx, pol, cfg, pad)
+    r_pol, out_pol = score(reward, prompts, idx, decode(tok, pol))
+    ok = keep_scored(r_pol)
+    norm = max(all_sum([float(ok.sum())])[0], 1.0) / world_size()
+    stats: dict = {}
+
+    def post(lp):
+        keep, r = ok.to(lp.device), r_pol.to(lp.device)  # rewards are scored on the CPU
+        loss, s = warp_loss(lp[keep], anchor_lp[keep], r[keep], beta=p.warp_beta, normalizer=norm)
+        stats.update(s)
+        return loss + 0.0 * lp.sum()
+
+    loss = seq_logprobs(engine, prompts, idx, pol, cfg, pad, post=post)
+    engine.backward(loss)
+    info = engine.step()
+    anchor.update(engine, p.warp_mu)
+    return {**info, **rollout_metrics(r_pol, pol, out_pol.metrics), "loss": float(loss.detach()),
+            **{f"warp/{k}": v for k, v in stats.items()}, "skipped_prompts": float((~ok).sum())}
 
 
 def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path,
@@ -120,7 +146,7 @@ def _kl_estimate(engine: Engine, base: Anchor, prompts: Prompts, cfg: Config, to
     size = min(cfg.policy.eval_size, len(prompts.rows))
     mine = list(range(size))[rank()::world_size()]
     idx, weight = mine or [0], float(bool(mine))
-    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=_seed(cfg, 5))
+    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=step_seed(cfg, 5))
     lp = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
     with base.swapped_in(engine):
         lb = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
@@ -146,4 +172,4 @@ def _plot_front(front: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["run_warp", "warp_steps"]
+__all__ = ["run_warp", "warp_step", "warp_steps"]

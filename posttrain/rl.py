@@ -1,0 +1,263 @@
+"""The RL plumbing J-BOND (policy.py) and WARP (policy_warp.py) share: prompts and their reward
+columns, scoring, rollouts from our sampler on the engine's gathered weights, sequence log-probs,
+the EMA anchor held as this rank's shards, the held-out evaluation, and the step loop of one RL run
+(progress bar, evaluation every policy.eval_every steps, logging, checkpoints, SIGTERM).
+The algorithms themselves are pure and live in bond.py, warp.py, pg.py and merge.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data import Example, to_messages
+from .engine import Engine, all_sum, rank, world_size
+from .errors import Preempted, UserError
+from .loader import collate
+from .losses import sequence_logprobs
+from .merge import ema_
+from .sampler import Sampler
+from .tracking import Tracker, progress
+
+
+# ----------------------------------------------------------------------------- prompts and rewards
+
+class Prompts:
+    """Tokenized prompts with their reward columns; a seeded order, this rank's share per step."""
+
+    def __init__(self, rows: list[dict], tok, key: str):
+        if not rows:
+            raise UserError(f"{key} is empty; the policy stage needs prompts")
+        self.rows = rows
+        try:
+            self.ids = [list(tok.apply_chat_template(to_messages(r, with_reply=False), add_generation_prompt=True).ids)
+                        for r in rows]
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{key}: every row needs a `prompt` (or `messages`); {e}") from None
+        self.text = [r.get("prompt") or r["messages"][-1]["content"] for r in rows]
+
+    def batch(self, step: int, size: int, seed: int) -> list[int]:
+        """This rank's `size` prompt indices for global step `step` (epochs reshuffled by seed)."""
+        per_step = size * world_size()
+        epoch_len = max(1, len(self.rows) // per_step)
+        epoch, k = divmod(step, epoch_len)
+        order = list(range(len(self.rows)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        first = k * per_step + rank() * size
+        return [order[(first + j) % len(order)] for j in range(size)]
+
+    def columns(self, idx: list[int], repeat: int) -> dict[str, list]:
+        keys = sorted({k for i in idx for k in self.rows[i]} - {"prompt", "messages", "response", "solution", "system"})
+        return {k: [self.rows[i].get(k) for i in idx for _ in range(repeat)] for k in keys}
+
+
+def score(reward, prompts: Prompts, idx: list[int], completions: list[list[str]]):
+    """Rewards (P, n) as a tensor (NaN where a reward skipped the sample) and the reward's metrics."""
+    n = len(completions[0])
+    flat = [c for row in completions for c in row]
+    texts = [prompts.text[i] for i in idx for _ in range(n)]
+    out = reward.score(texts, flat, **prompts.columns(idx, n))
+    total = torch.tensor([float("nan") if t is None else t for t in out.total]).view(len(idx), n)
+    return total, out
+
+
+# ----------------------------------------------------------------------------- rollouts and log-probs
+
+class Rollout(list):
+    """Completions' token ids, out[prompt][sample], plus `entropy`: the mean over sampled tokens of
+    -log pi(token) at temperature 1 (a per-token entropy estimate when sampling at temperature 1), and
+    `stopped`: the share of completions that ended on a stop token rather than at max_new_tokens."""
+
+    entropy: float = float("nan")
+    stopped: float = float("nan")
+
+
+def stop_ids(cfg: Config, tok) -> tuple[int, ...]:
+    """<eos>, <end_of_turn> and every token holding one of policy.stop."""
+    return tuple(tok.stop_ids) + tok.ids_containing(cfg.policy.stop)
+
+
+def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Config, tok, seed: int,
+            temperature: float | None = None) -> Rollout:
+    p = cfg.policy
+    with engine.full_weights() as model:
+        was = model.training
+        model.eval()
+        out = Sampler(model).generate([prompts.ids[i] for i in idx], n=n, max_new_tokens=p.max_new_tokens,
+                                      temperature=p.temperature if temperature is None else temperature,
+                                      stop_token_ids=stop_ids(cfg, tok), seed=seed)
+        model.train(was)
+    result = Rollout([list(c.tokens) for c in row] for row in out)
+    lps = [lp for row in out for c in row for lp in c.logprobs]
+    result.entropy = -sum(lps) / len(lps) if lps else float("nan")
+    finished = [c.finish_reason == "stop" for row in out for c in row]
+    result.stopped = sum(finished) / len(finished)
+    return result
+
+
+def seq_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: list[list[list[int]]], cfg: Config,
+                 pad_id: int, post=None):
+    """log pi(y) per completion, (P, n), through the engine (grad unless under no_grad). `post`, when
+    given, maps that tensor to a loss inside the engine's forward (ZeRO-3 keeps the head gathered)."""
+    n = len(completions[0])
+    examples = [Example(prompts.ids[i] + c, [False] * len(prompts.ids[i]) + [True] * len(c))
+                for i, row in zip(idx, completions) for c in row]
+    batch = collate(examples, [[j] for j in range(len(examples))], max(len(e.ids) for e in examples),
+                    pad_id).to(engine.device)
+
+    def fn(h, w):
+        lp = sequence_logprobs(h, w, batch.targets.clamp_min(0), batch.loss_mask, cfg.data.loss_chunk_tokens)
+        lp = lp.sum(-1).view(len(idx), n)
+        return lp if post is None else post(lp)
+
+    return engine.module(fn, batch.ids, batch.positions, batch.segments)
+
+
+class Anchor:
+    """An EMA of the policy, held as this rank's part of each parameter (float32), swapped into the
+    engine to sample from it or score with it."""
+
+    def __init__(self, engine: Engine, state: dict | None = None):
+        self.state = state or {k: v.detach().float().clone() for k, v in engine.local_shards().items()}
+
+    @contextlib.contextmanager
+    def swapped_in(self, engine: Engine):
+        mine = {k: v.detach().clone() for k, v in engine.local_shards().items()}
+        engine.assign_local(self.state, refresh_master=False)
+        try:
+            yield
+        finally:
+            engine.assign_local(mine, refresh_master=False)
+
+    def update(self, engine: Engine, rate: float) -> None:
+        ema_(self.state, {k: v.detach() for k, v in engine.local_shards().items()}, rate)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config, tok) -> dict:
+    """Completions of this rank's share of the held-out prompts (greedy, or policy.eval_samples at
+    policy.eval_temperature, always with the same seed): the verifier's mean (accuracy; with samples, pass@1
+    estimated from them), the training reward's mean, the mean length and the share that stopped, over all ranks."""
+    if held is None:
+        return {}
+    p = cfg.policy
+    size = min(p.eval_size, len(held.rows))
+    mine = list(range(size))[rank()::world_size()]
+    idx = mine or [0]  # a rank with no share still takes part in the collective gathers
+    k = p.eval_samples if p.eval_temperature > 0 else 1
+    comps = rollout(engine, held, idx, k, cfg, tok, seed=0, temperature=p.eval_temperature)
+    texts = decode(tok, comps)
+    v, _ = score(verifier, held, idx, texts)
+    r, _ = score(reward, held, idx, texts)
+    weight = 1.0 if mine else 0.0
+    n = len(idx) * k
+    sums = all_sum([float(torch.nan_to_num(v).sum()) * weight, float(torch.nan_to_num(r).sum()) * weight,
+                    float(n) * weight, float(sum(len(c) for row in comps for c in row)) * weight,
+                    comps.stopped * n * weight])
+    return {"eval/verifier": sums[0] / sums[2], "eval/reward": sums[1] / sums[2], "eval/length": sums[3] / sums[2],
+            "eval/stopped": sums[4] / sums[2]}
+
+
+# ----------------------------------------------------------------------------- shared by the steps
+
+def decode(tok, comps):
+    return [[tok.decode(c, skip_special_tokens=True) for c in row] for row in comps]
+
+
+def secondary(out, like: torch.Tensor) -> torch.Tensor:
+    """The reward model's own scores (the tie-break), shaped like the rewards; NaN counts as lowest."""
+    scores = out.per_reward.get("reward_model")
+    if scores is None:
+        raise UserError("policy.tie_break=reward_model needs a reward named reward_model in `rewards` (weight 0 "
+                        "keeps it out of the sum); fix: add {name: reward_model, weight: 0.0} or set tie_break=half")
+    return torch.tensor([-1e9 if s is None else s for s in scores], dtype=torch.float64).view_as(like)
+
+
+def keep_scored(r: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+    """Prompts whose samples all have a score (a reward may skip a sample: on_error=skip)."""
+    ok = ~torch.isnan(r).any(-1)
+    for m in more:
+        ok &= ~torch.isnan(m).any(-1)
+    return ok
+
+
+def rollout_metrics(r: torch.Tensor, comps, reward_metrics: dict) -> dict:
+    lengths = [len(c) for row in comps for c in row]
+    return {"reward": float(r.nanmean()), "response_length": sum(lengths) / max(len(lengths), 1),
+            "entropy": comps.entropy, "stopped": comps.stopped, **reward_metrics}
+
+
+# ----------------------------------------------------------------------------- one RL run
+
+def _mean_over_ranks(metrics: dict) -> dict:
+    """Each number averaged over the ranks that report it: ranks can differ in keys (a reward's
+    sub-metrics, such as per-category refusal rates, exist only where the batch had such prompts)."""
+    mine = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if world_size() == 1:
+        return mine
+    import torch.distributed as dist
+
+    every: list = [None] * world_size()
+    dist.all_gather_object(every, mine)
+    keys = sorted({k for m in every for k in m})
+    return {k: sum(m[k] for m in every if k in m) / sum(k in m for m in every) for k in keys}
+
+
+def step_seed(cfg: Config, *key: int) -> int:
+    """The sampler's seed for (run, step) on this rank: part of what makes resume=true exact."""
+    return hash((cfg.seed, *key, rank())) & 0xFFFFFFF
+
+
+def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prompts, held, reward, verifier,
+               cfg: Config, tok, tracker: Tracker, out_dir: Path, *, start: int, before: dict, step_offset: int = 0,
+               seed_key: int = 0, log_samples: bool = True) -> dict:
+    """Steps start..policy.steps of one RL run; checkpoints (engine + anchor + eval before) as it goes."""
+    p = cfg.policy
+    bar = progress(total=p.steps, initial=start, desc=name)
+    last: dict = {}
+    for step in range(start, p.steps):
+        t0 = time.perf_counter()
+        idx = prompts.batch(step + 1000 * seed_key, cfg.data.micro_batch_size, cfg.seed + seed_key)
+        metrics = step_fn(engine, anchor, prompts, idx, reward, cfg, tok, step_seed(cfg, seed_key, step))
+        metrics["step_seconds"] = time.perf_counter() - t0
+        metrics = _mean_over_ranks(metrics)
+        done = step + 1
+        if held is not None and p.eval_every and done % p.eval_every == 0 and done < p.steps:
+            metrics |= evaluate(engine, held, verifier, reward, cfg, tok)
+        if done % cfg.tracking.log_every == 0 or done == p.steps:
+            tracker.log({f"{name}/{k}": v for k, v in metrics.items()}, step=step_offset + done)
+        last = metrics
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+        stop = engine.stop_requested()
+        if (engine.should_save(done) and done < p.steps) or stop:
+            engine.save(done, extra={"before": before}, rank_state={"anchor": anchor.state})
+        if stop:
+            bar.close()
+            tracker.finish()
+            engine.close()
+            raise Preempted(f"{name}: SIGTERM: saved step {done} in {engine.ckpt_dir}; resume with resume=true")
+    bar.close()
+    if log_samples and p.steps > start:
+        log_sample_table(name, engine, prompts, reward, cfg, tok, tracker, step_offset + p.steps)
+    return last
+
+
+def log_sample_table(name, engine, prompts, reward, cfg, tok, tracker, step) -> None:
+    idx = prompts.batch(0, min(4, len(prompts.rows)), cfg.seed)
+    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=step_seed(cfg, 7, step))
+    texts = decode(tok, comps)
+    r, _ = score(reward, prompts, idx, texts)
+    rows = [[prompts.text[i], t[0], float(x)] for i, t, x in zip(idx, texts, r[:, 0])]
+    tracker.table(f"{name}/samples", ["prompt", "completion", "reward"], rows, step=step)
+
+
+__all__ = ["Prompts", "score", "Rollout", "stop_ids", "rollout", "seq_logprobs", "Anchor", "evaluate", "decode",
+           "secondary", "keep_scored", "rollout_metrics", "step_seed", "train_loop", "log_sample_table"]
