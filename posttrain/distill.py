@@ -31,7 +31,7 @@ import torch
 from .config import Config
 from .data import Example, load_rows, to_messages, validate_rows
 from .engine import Engine, Frozen, all_sum, rank, world_size
-from .errors import Preempted, UserError
+from .errors import UserError
 from .loader import Batch, DataLoader, collate
 from .losses import chunked_sampled_distillation, chunked_topk_kl, distill_metrics, teacher_targets
 from .model import Gemma3
@@ -308,10 +308,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         if (engine.should_save(done) and done < d.steps) or stop:  # the last one is saved below, with the summary
             engine.save(done, extra={"loader": loader.state_dict(), "before": before})
         if stop:
-            bar.close()
-            tracker.finish()
-            engine.close()
-            raise Preempted(f"distill: SIGTERM: saved step {done} in {engine.ckpt_dir}; resume with resume=true")
+            engine.preempt("distill", done, bar.close, tracker.finish)
     bar.close()
 
     after = {}

@@ -47,7 +47,7 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .config import Config
-from .errors import UserError
+from .errors import Preempted, UserError
 from .model import Gemma3
 
 LATEST = "latest"
@@ -403,6 +403,14 @@ class Engine:
     def stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM (checked once per step, all ranks agree)."""
         return all_sum([float(self._stop)])[0] > 0
+
+    def preempt(self, name: str, step: int, *closing: Callable[[], object]) -> None:
+        """After SIGTERM and the checkpoint of `step`: run the stage's closers (progress bar, tracker),
+        close this engine, and raise Preempted, which train.py turns into exit status 0."""
+        for close in closing:
+            close()
+        self.close()
+        raise Preempted(f"{name}: SIGTERM: saved step {step} in {self.ckpt_dir}; resume with resume=true")
 
     def close(self) -> None:
         """Give back the SIGTERM handler and the memory: DeepSpeed's hooks and buffers keep the model,

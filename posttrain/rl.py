@@ -17,7 +17,7 @@ import torch
 from .config import Config
 from .data import Example, to_messages
 from .engine import Engine, all_sum, rank, world_size
-from .errors import Preempted, UserError
+from .errors import UserError
 from .loader import collate
 from .losses import sequence_logprobs
 from .merge import ema_
@@ -240,10 +240,7 @@ def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prom
         if (engine.should_save(done) and done < p.steps) or stop:
             engine.save(done, extra={"before": before}, rank_state={"anchor": anchor.state})
         if stop:
-            bar.close()
-            tracker.finish()
-            engine.close()
-            raise Preempted(f"{name}: SIGTERM: saved step {done} in {engine.ckpt_dir}; resume with resume=true")
+            engine.preempt(name, done, bar.close, tracker.finish)
     bar.close()
     if log_samples and p.steps > start:
         log_sample_table(name, engine, prompts, reward, cfg, tok, tracker, step_offset + p.steps)

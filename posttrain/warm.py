@@ -31,7 +31,7 @@ import torch
 
 from .config import Config
 from .engine import Engine, all_sum, default_warmup, barrier, rank, world_size, write_json_atomic
-from .errors import Preempted, UserError
+from .errors import UserError
 from .merge import lerp, uniform_average
 from .model import Gemma3
 from .reward_model import Pair, RewardModel, bradley_terry_loss, collate_pairs, pair_examples
@@ -201,11 +201,7 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
         if (engine.should_save(done) and done < w.steps) or stop:
             engine.save(done)
         if stop:
-            bar.close()
-            tracker.finish()
-            engine.close()
-            raise Preempted(f"warm member {m}: SIGTERM: saved step {done} in {engine.ckpt_dir}; resume with "
-                            "resume=true")
+            engine.preempt(f"warm member {m}", done, bar.close, tracker.finish)
     bar.close()
     engine.model.eval()
     held_margins = margins(engine.module, held, pad_id, B)

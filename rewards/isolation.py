@@ -23,11 +23,13 @@ what a job can and cannot touch"; the attacks are tests/test_sandbox*.py):
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -318,8 +320,6 @@ def claim_uids(base: int, n: int, tries: int = 1 << 16) -> list[tuple[int, int]]
     A uid is held by an flock on its file in UID_LOCKS for as long as the fd is open, so a trainer
     that dies releases its uids with it. Two sandboxes (two rewards, two ranks) never share a uid,
     and so never share what the kernel counts per uid (RLIMIT_NPROC) or a slot's cgroup."""
-    import fcntl
-
     try:
         UID_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
@@ -403,8 +403,6 @@ class SlotCgroup:
 
     def remove(self, wait_s: float = 2.0) -> None:
         """rmdir the cgroup once the kernel has let its last process go (killed ones linger briefly)."""
-        import time
-
         end = time.monotonic() + wait_s
         for d in self.dirs:
             while True:

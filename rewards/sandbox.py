@@ -82,7 +82,7 @@ class Sandbox:
         self.workers = workers or os.cpu_count() or 1
         self.as_root = os.geteuid() == 0 and not unsafe
         self.python = python or (sys.executable if unsafe else pick_python(self.as_root))
-        self.uid_base, self.max_procs = uid_base, max_procs
+        self.max_procs = max_procs
         limits = (memory_mb << 20, max_file_mb << 20, max_procs, max_open_files)
         if unsafe:
             self._scratch = tempfile.TemporaryDirectory(prefix="sandbox-unsafe-")
