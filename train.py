@@ -32,6 +32,7 @@ from posttrain.errors import Preempted, UserError
 from posttrain.model import Gemma3, build_model, param_counts, prune_layers
 from posttrain.plan import check_arch, kept_layers, plan
 from posttrain.sampler import Sampler
+from posttrain.seeds import derive_seed
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -82,34 +83,34 @@ def smoke_eval(model: Gemma3, tok, prompts: list[str], max_new_tokens: int = 16)
 # ----------------------------------------------------------------------------- stages
 
 def distill(cfg: Config, models: dict, tok) -> None:
-    """SFT on the teacher's distribution (posttrain/distill.py); the next stages get the trained student."""
-    from posttrain.distill import run_distill
+    """SFT on the teacher's distribution (posttrain/stages/distill.py); the next stages get the trained student."""
+    from posttrain.stages.distill import run_distill
 
-    models.setdefault("summaries", {})["distill"] = run_distill(cfg, models["student"], models["teacher"], tok)
-    final = cfg.out_dir / "distill" / "final"
-    models["student"] = load_model(final, dtype=getattr(torch, cfg.model.student.dtype))
-    del models["teacher"]  # frees its memory for the next stages
-    log(f"student <- {final}")
+    result = run_distill(cfg, models["student"], models.pop("teacher"), tok)  # the teacher's memory goes with it
+    models.setdefault("summaries", {})["distill"] = result.summary
+    models["student"] = load_model(result.final, dtype=getattr(torch, cfg.model.student.dtype))
+    log(f"student <- {result.final}")
 
 
 def warm(cfg: Config, models: dict, tok) -> None:
-    """Reward models from the student, weight-averaged (posttrain/warm.py); the policy stage reads it."""
-    from posttrain.warm import run_warm
+    """Reward models from the student, weight-averaged (posttrain/stages/warm.py); the policy stage reads it."""
+    from posttrain.stages.warm import run_warm
 
-    models.setdefault("summaries", {})["warm"] = run_warm(cfg, models["student"], tok)
-    models["reward_model"] = cfg.out_dir / "warm" / "reward_model"
-    log(f"reward model -> {models['reward_model']}")
+    result = run_warm(cfg, models["student"], tok)
+    models.setdefault("summaries", {})["warm"] = result.summary
+    models["reward_model"] = result.final
+    log(f"reward model -> {result.final}")
 
 
 def policy(cfg: Config, models: dict, tok) -> None:
-    """J-BOND and/or WARP on the student (posttrain/policy.py); the next stages get the trained policy."""
-    from posttrain.policy import run_policy
+    """J-BOND and/or WARP on the student (posttrain/stages/policy.py); the next stages get the trained policy."""
+    from posttrain.stages.policy import run_policy
 
     rm = models.get("reward_model") or cfg.out_dir / "warm" / "reward_model"
-    final, summary = run_policy(cfg, models["student"], tok, rm if Path(rm).exists() else None)
-    models.setdefault("summaries", {})["policy"] = summary
-    models["student"] = load_model(final, dtype=getattr(torch, cfg.model.student.dtype))
-    log(f"student <- {final}")
+    result = run_policy(cfg, models["student"], tok, rm if Path(rm).exists() else None)
+    models.setdefault("summaries", {})["policy"] = result.summary
+    models["student"] = load_model(result.final, dtype=getattr(torch, cfg.model.student.dtype))
+    log(f"student <- {result.final}")
 
 
 def export(cfg: Config, models: dict, tok) -> None:
@@ -146,9 +147,9 @@ def summary_table(summaries: dict) -> str:
 
 # Each stage takes (cfg, models, tokenizer) and writes <run_dir>/<name>/<stage>/.
 STAGES = {
-    "distill": distill,  # posttrain/distill.py
-    "warm": warm,  # posttrain/warm.py
-    "policy": policy,  # posttrain/policy.py (bond.py, warp.py, merge.py)
+    "distill": distill,  # posttrain/stages/distill.py
+    "warm": warm,  # posttrain/stages/warm.py
+    "policy": policy,  # posttrain/stages/policy.py (bond.py, warp.py, merge.py)
     "export": export,
 }
 
@@ -170,7 +171,9 @@ def main(argv: list[str]) -> int:
         # Every rank hits the same config error: one report per node (paths can differ by node).
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             for line in str(e).splitlines():
-                print(f"error: {line}", file=sys.stderr)
+                print(f"error: {line}", file=sys.stderr, flush=True)
+        else:  # let local rank 0 print first: the launcher stops the other ranks once one has exited
+            time.sleep(2.0)
         return 2
 
 
@@ -200,7 +203,7 @@ def run(argv: list[str]) -> int:
     tok = load_tokenizer(tokenizer_source(cfg))
     models = {"student": load("student", cfg.model.student, cfg.seed, device)}
     if cfg.model.teacher is not None:
-        models["teacher"] = load("teacher", cfg.model.teacher, cfg.seed + 1, device)
+        models["teacher"] = load("teacher", cfg.model.teacher, derive_seed(cfg.seed, "teacher_init"), device)
     for role, model in models.items():
         if model.config.vocab_size < tok.vocab_size:
             raise UserError(f"model.{role} has {model.config.vocab_size} embedding rows but the tokenizer "

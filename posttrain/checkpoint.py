@@ -225,12 +225,16 @@ def embedded_hf_dir() -> Path:
 
 def save_pretrained(
     model: Gemma3, tokenizer, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = 5 * 2**30, dedupe_within: str | os.PathLike | None = None,
 ) -> Path:
     """Write an HF directory (config.json, safetensors, tokenizer files, chat template).
 
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it as Gemma3ForCausalLM
     with the same logits. Shards above `max_shard_bytes` with a model.safetensors.index.json.
+
+    dedupe_within: a directory (the run's): the embedding goes to a shard of its own, and a shard
+    whose bytes equal a .safetensors file already under that directory becomes a hard link to it
+    (stages that keep the embedding frozen store it once; each directory stays complete on its own).
     """
     from safetensors.torch import save_file
 
@@ -243,7 +247,12 @@ def save_pretrained(
     weight_dtype = next(iter(state.values())).dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
+    embed = "model.embed_tokens.weight"
+    if dedupe_within is not None and embed in state and len(state) > 1:
+        shards = [{embed: state[embed]}, {}]
     for key, t in state.items():
+        if len(shards) > 1 and key == embed and embed in shards[0]:
+            continue
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -258,6 +267,8 @@ def save_pretrained(
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             atomic_write(out / fname, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+            if dedupe_within is not None:
+                link_if_stored(out / fname, Path(dedupe_within))
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -269,6 +280,38 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def link_if_stored(path: Path, root: Path) -> Path | None:
+    """Replace `path` by a hard link to a file under `root` with the same bytes (the first found),
+    and return that file; None (path kept as it is) when there is none or links are not possible."""
+    size, mine = path.stat().st_size, None
+    for other in sorted(root.rglob("*.safetensors")):
+        if other == path or not other.is_file() or other.stat().st_size != size:
+            continue
+        if os.path.samefile(other, path):
+            return other
+        mine = mine or _digest(path)
+        if _digest(other) != mine:
+            continue
+        tmp = path.with_name(path.name + ".link")
+        try:
+            os.link(other, tmp)
+        except OSError:  # another file system, or one without hard links: keep the copy
+            return None
+        os.replace(tmp, path)
+        return other
+    return None
 
 
 def atomic_write(path: Path, write) -> None:

@@ -25,7 +25,16 @@ from .embedded import EMBEDDED_NAME
 from .errors import UserError
 from .model import PRESETS, GemmaConfig
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _recipes_dir() -> Path:
+    """posttrain/recipes/ in an installed copy (pyproject.toml ships recipes/ there as the package
+    posttrain.recipes), else the checkout's recipes/ (python train.py in it, or an editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 STAGE_ORDER = ("distill", "warm", "policy", "export")
 
 PresetName = Literal[tuple(PRESETS)]  # "270m", "1b", "4b", "12b", "27b"
@@ -338,6 +347,10 @@ class CheckpointSection(Section):
     every: int = Field(100, ge=0, description="optimizer steps between step checkpoints (0 = only at the end "
                        "of a stage); SIGTERM also writes one")
     keep: int = Field(2, ge=1, description="step checkpoints kept per stage (the newest)")
+    keep_optimizer: bool = Field(
+        False, description="keep a finished stage's newest step checkpoints (model + optimizer states) so "
+        "that raising its steps and resume=true continues it; false deletes them once the stage (or a WARM "
+        "member, a WARP run) has written its result, keeping the final model and its summary")
 
 
 class Config(Section):

@@ -273,11 +273,13 @@ class Example(NamedTuple):
 
 
 class Examples(list):
-    """Examples plus what tokenization did: `rows` in, `dropped` and `truncated` counts, `summary` line."""
+    """Examples plus what tokenization did: `rows` in, `dropped` and `truncated` counts, `summary` line,
+    and `paired`: the other view of the same rows (the teacher's), when one was asked for."""
 
     rows: int = 0
     dropped: int = 0
     truncated: int = 0
+    paired: list[Example] | None = None
 
     @property
     def summary(self) -> str:
@@ -286,33 +288,52 @@ class Examples(list):
 
 
 def tokenize_rows(rows: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int,
-                  truncation: Literal["drop", "truncate"] = "drop", require_reply: bool = True) -> Examples:
+                  truncation: Literal["drop", "truncate"] = "drop", require_reply: bool = True,
+                  teacher: Callable[[dict], list[dict]] | None = None, key: str = "max_seq_len") -> Examples:
     """Validate, then tokenize with the chat template; rows longer than max_seq_len are handled by `truncation`.
 
     drop: the row is skipped. truncate: its first max_seq_len tokens are kept, and it is still
     dropped if no reply token is left (nothing to learn). Counts are on the result and logged.
     Prompt sets (`require_reply=False`) end with the generation prompt and have no loss tokens.
+
+    teacher: row -> the messages another model sees for it (distillation with a context before the
+    prompt). Those examples go to `.paired`, one per kept example; each ends with the same reply tokens,
+    so their loss positions pair up in order, and a truncated row loses as many tokens on both sides.
+    key: the name of max_seq_len in messages (the config key, e.g. data.max_seq_len).
     """
     if truncation not in ("drop", "truncate"):
         raise UserError(f"truncation must be 'drop' or 'truncate', got {truncation!r}")
     validate_rows(rows, require_reply)
     out = Examples()
     out.rows = len(rows)
-    for row in rows:
+    out.paired = [] if teacher is not None else None
+    for i, row in enumerate(rows):
         ids, mask = tokenizer.apply_chat_template(to_messages(row, require_reply),
                                                 add_generation_prompt=not require_reply)
+        ids, mask = list(ids), list(mask)
+        if teacher is not None:
+            t = tokenizer.apply_chat_template(teacher(row), add_generation_prompt=not require_reply)
+            t_ids, t_mask = list(t.ids), list(t.loss_mask)
         if len(ids) > max_seq_len:
             if truncation == "drop" or (require_reply and not any(mask[:max_seq_len])):
                 out.dropped += 1
                 continue
+            cut = len(ids) - max_seq_len
             ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+            if teacher is not None:
+                t_ids, t_mask = t_ids[:-cut], t_mask[:-cut]
             out.truncated += 1
         out.append(Example(ids, mask))
+        if teacher is not None:
+            if sum(mask) != sum(t_mask):
+                raise UserError(f"row {i}: the teacher's view has another reply than the student's; fix: let the teacher's "
+                                "messages differ only before the reply")
+            out.paired.append(Example(t_ids, t_mask))
     if not out:
-        raise UserError(f"all {len(rows)} rows are longer than max_seq_len={max_seq_len} tokens "
-                        "(fix: raise data.max_seq_len, or truncate instead of dropping)")
+        raise UserError(f"all {len(rows)} rows are longer than {key}={max_seq_len} tokens "
+                        f"(fix: raise {key}, or truncate instead of dropping)")
     (log.warning if out.dropped or out.truncated else log.info)(
-        "%s (longer than max_seq_len=%d, truncation=%s)", out.summary, max_seq_len, truncation)
+        "%s (longer than %s=%d, truncation=%s)", out.summary, key, max_seq_len, truncation)
     return out
 
 

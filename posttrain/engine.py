@@ -191,7 +191,86 @@ def _merge(base: dict, extra: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the engine
 
-class Engine:
+class Held:
+    """A model held for computing (the base of Engine and Frozen): its module, its shards, gathering
+    them, writing into them and exporting. Subclasses set self.wrapped (the module, WithHead around a
+    Gemma3) and self.engine (the DeepSpeed engine, or None when the module runs as it is)."""
+
+    wrapped: nn.Module
+    engine: Any = None
+
+    @property
+    def module(self) -> nn.Module:
+        """Call it like WithHead: module(fn, ids, positions, segments) (or the given module's own forward)."""
+        return self.engine if self.engine is not None else self.wrapped
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes: batches go here (the stages build them on the CPU)."""
+        return next(self.wrapped.parameters()).device
+
+    @property
+    def model(self) -> nn.Module:
+        """The Gemma3 held (or the module given, when it was not one)."""
+        return self.wrapped.model if isinstance(self.wrapped, WithHead) else self.wrapped
+
+    def local_shards(self) -> dict[str, torch.Tensor]:
+        """name -> the part of each parameter this rank holds: its ZeRO-3 partition, else the whole tensor.
+        Views, not copies: writing into them changes the model."""
+        return {name: (p.ds_tensor if _sharded(p) else p.data) for name, p in self.wrapped.named_parameters()}
+
+    @torch.no_grad()
+    def assign_local(self, shards: dict[str, torch.Tensor], *, refresh_master: bool = True) -> None:
+        """Write new values into the parts of the parameters this rank holds (local_shards' layout).
+        Under ZeRO-3, parameters small enough to stay whole on every rank (persistent) also get their
+        whole value rebuilt from the ranks' new parts, so the next forward sees the change.
+
+        refresh_master: also copy them into the optimizer's float32 master weights (ZeRO 1-3 keep
+        their own), so training continues from the new values. A temporary swap that puts the old
+        values back before the next step (the EMA anchor) passes False: a bf16 round trip through
+        the master copy would lose its low bits."""
+        for name, p in self.wrapped.named_parameters():
+            if not _sharded(p):
+                p.data.copy_(shards[name])
+                continue
+            p.ds_tensor.copy_(shards[name])
+            if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel:
+                parts = [torch.empty_like(p.ds_tensor) for _ in range(world_size())]
+                dist.all_gather(parts, p.ds_tensor)
+                p.data.copy_(torch.cat(parts)[:p.ds_numel].view(p.data.shape))
+        refresh = getattr(getattr(self.engine, "optimizer", None), "refresh_fp32_params", None)
+        if refresh_master and refresh is not None:
+            refresh()
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """Whole weights on every rank for the duration (the sampler's rollouts), then back to shards.
+        A no-op unless ZeRO-3 partitions the weights."""
+        params = [p for p in self.wrapped.parameters() if _sharded(p)]
+        if not params:
+            yield self.model
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield self.model
+
+    def export_final(self, tok, path: Path, summary: dict) -> None:
+        """The model as an HF directory at `path` and the stage's summary beside it
+        (path.parent / summary.json), written by rank 0 from the gathered weights. With a frozen
+        embedding (model.freeze_embeddings), it is written to a file of its own, which is a hard link
+        to the previous stage's identical file: the run directory stores it once."""
+        with self.full_weights() as model:
+            if rank() == 0:
+                from .checkpoint import save_pretrained
+
+                save_pretrained(model, tok, path, dtype=model.embed_tokens.weight.dtype,
+                                dedupe_within=self.cfg.out_dir if self.cfg.model.freeze_embeddings else None)
+                write_json_atomic(path.parent / "summary.json", summary)
+        barrier()
+
+
+class Engine(Held):
     """The trained model under DeepSpeed, with its optimizer, LR schedule and checkpoints."""
 
     def __init__(self, model: Gemma3 | nn.Module, cfg: Config, *, lr: float, steps: int, warmup_steps: int,
@@ -229,47 +308,8 @@ class Engine:
     # --- training
 
     @property
-    def module(self) -> nn.Module:
-        """Call it like WithHead: module(fn, ids, positions, segments)."""
-        return self.engine
-
-    @property
     def device(self) -> torch.device:
-        """Where the model computes: batches go here (the stages build them on the CPU)."""
         return torch.device(self.engine.device)
-
-    @property
-    def model(self) -> nn.Module:
-        """The trained Gemma3 (or the module given, when it was not one)."""
-        return self.wrapped.model if isinstance(self.wrapped, WithHead) else self.wrapped
-
-    def local_shards(self) -> dict[str, torch.Tensor]:
-        """name -> the part of each parameter this rank holds: its ZeRO-3 partition, else the whole tensor.
-        Views, not copies: writing into them changes the model."""
-        return {name: (p.ds_tensor if _sharded(p) else p.data) for name, p in self.wrapped.named_parameters()}
-
-    @torch.no_grad()
-    def assign_local(self, shards: dict[str, torch.Tensor], *, refresh_master: bool = True) -> None:
-        """Write new values into the parts of the parameters this rank holds (local_shards' layout).
-        Under ZeRO-3, parameters small enough to stay whole on every rank (persistent) also get their
-        whole value rebuilt from the ranks' new parts, so the next forward sees the change.
-
-        refresh_master: also copy them into the optimizer's float32 master weights (ZeRO 1-3 keep
-        their own), so training continues from the new values. A temporary swap that puts the old
-        values back before the next step (the EMA anchor) passes False: a bf16 round trip through
-        the master copy would lose its low bits."""
-        for name, p in self.wrapped.named_parameters():
-            if not _sharded(p):
-                p.data.copy_(shards[name])
-                continue
-            p.ds_tensor.copy_(shards[name])
-            if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel:
-                parts = [torch.empty_like(p.ds_tensor) for _ in range(world_size())]
-                dist.all_gather(parts, p.ds_tensor)
-                p.data.copy_(torch.cat(parts)[:p.ds_numel].view(p.data.shape))
-        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-        if refresh_master and refresh is not None:
-            refresh()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -280,30 +320,6 @@ class Engine:
         norm = self.engine.get_global_grad_norm()
         return {"lr": self.scheduler.get_last_lr()[0] if self.scheduler else float("nan"),
                 "grad_norm": float(norm) if norm is not None else float("nan")}
-
-    @contextlib.contextmanager
-    def full_weights(self):
-        """Whole weights on every rank for the duration (the sampler's rollouts), then back to shards.
-        A no-op unless ZeRO-3 partitions the weights."""
-        params = [p for p in self.wrapped.parameters() if _sharded(p)]
-        if not params:
-            yield self.model
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield self.model
-
-    def export_final(self, tok, path: Path, summary: dict) -> None:
-        """The trained model as an HF directory at `path` and the stage's summary beside it
-        (path.parent / summary.json), written by rank 0 from the gathered weights."""
-        with self.full_weights() as model:
-            if rank() == 0:
-                from .checkpoint import save_pretrained
-
-                save_pretrained(model, tok, path, dtype=model.embed_tokens.weight.dtype)
-                write_json_atomic(path.parent / "summary.json", summary)
-        barrier()
 
     def held_state_bytes(self) -> int:
         """Bytes of parameters, gradients and optimizer states this rank holds (each storage once)."""
@@ -448,33 +464,45 @@ def threading_main() -> bool:
 
 # ----------------------------------------------------------------------------- frozen models
 
-class Frozen:
-    """A frozen model for inference: replicated, or partitioned by ZeRO-3 when the recipe shards weights.
+class Frozen(Held):
+    """A model that is only evaluated, averaged into or exported, never trained (the teacher, WARP's
+    evaluation copy, WARM's average): no gradients, no optimizer state. Replicated, or partitioned by
+    ZeRO-3 when the recipe shards weights, in the same layout as a trained engine's shards.
 
-    frozen(fn, ids, positions, segments) = fn(hidden, head_weight) under no_grad, like WithHead."""
+    frozen(fn, ids, positions, segments) = fn(hidden, head_weight) under no_grad, like WithHead (a
+    module that is not a Gemma3, e.g. a reward model, is called with its own arguments).
 
-    def __init__(self, model: Gemma3, cfg: Config):
+    like_trained: hold the weights in a trained Engine's layout (partitioned whenever the recipe uses
+    ZeRO-3, even on one rank), so shards move between the two (assign_local, local_shards); else a
+    one-rank world keeps them whole."""
+
+    def __init__(self, model: Gemma3 | nn.Module, cfg: Config, *, like_trained: bool = False):
         model.eval().requires_grad_(False)
-        self.wrapped = WithHead(model)
+        self.cfg = cfg
+        self.wrapped = WithHead(model) if isinstance(model, Gemma3) else model
         self.engine = None
-        if cfg.distributed.zero_stage == 3 and world_size() > 1:
+        if cfg.distributed.zero_stage == 3 and (world_size() > 1 or like_trained):
             import deepspeed
 
             conf = ds_config(cfg, lr=0.0, grad_accum=1, train=False)
             self.engine, *_ = deepspeed.initialize(model=self.wrapped, config=conf)
-            _register_head(self.wrapped)
-
-    @property
-    def model(self) -> Gemma3:
-        return self.wrapped.model
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+            if isinstance(self.wrapped, WithHead):
+                _register_head(self.wrapped)
 
     @torch.no_grad()
-    def __call__(self, fn: Callable, ids, positions=None, segments=None):
-        return (self.engine or self.wrapped)(fn, ids, positions, segments)
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def close(self) -> None:
+        """Let go of the weights (DeepSpeed's hooks keep them alive otherwise)."""
+        if self.engine is not None:
+            self.engine.destroy()
+        for param in self.wrapped.parameters():
+            param.data = torch.empty(0, dtype=param.dtype)
+            if _sharded(param):
+                param.ds_tensor = torch.empty(0, dtype=param.dtype)
+        self.engine = None
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -498,5 +526,5 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
-__all__ = ["Engine", "Frozen", "WithHead", "init_distributed", "ds_config", "lr_lambda", "all_sum", "barrier",
+__all__ = ["Held", "Engine", "Frozen", "WithHead", "init_distributed", "ds_config", "lr_lambda", "all_sum", "barrier",
            "rank", "world_size", "write_json_atomic"]

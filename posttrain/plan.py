@@ -10,7 +10,11 @@ kind is divided by W once the ZeRO stage shards it, and is whole below that stag
         (stage >= 2), Adam states 12P = fp32 master + m + v (stage >= 1)
     trained model, float32 (CPU):                            weights 4P, grads 4P, Adam 8P
     offload_optimizer:                                       Adam states live in host memory (0 here)
-    frozen model (teacher, reward model): P x bytes(its dtype), sharded under stage 3
+    frozen model (teacher, reward model) and eval-only model (WARP's evaluation copy, WARM's average):
+        P x bytes(its dtype), sharded under stage 3; WARM's shared init: P x bytes, whole
+    WARM's merge, after its members: the eval-only model and M members' shards, 4P each
+    not counted (a note on GPU recipes): each rank loads a model whole before the engine shards it,
+        and WARM's shared init and WARP's base wait in host memory while the sharded engines train
     EMA anchor (J-BOND, WARP) / running average (WARM):     4P, float32 because a 0.02 EMA step
         rounds away in bf16; sharded under stage 3 like the model it follows
     activations of one micro-batch (not sharded): rows x T x L x a x bytes(dtype), where
@@ -22,7 +26,7 @@ kind is divided by W once the ZeRO stage shards it, and is whole below that stag
     rollouts: KV cache rows x 2 K D bytes x (G T + S min(window, T)) for G global and S sliding
         layers, plus under stage 3 the sampling model gathered whole (P x bytes), once per phase
 
-    peak = persistent (trained + frozen + anchor) + max(train step, rollout phase)
+    peak = persistent (trained + frozen + anchor) + max(train step, rollout phase, merge)
 
 Rows per step: distill micro_batch; warm 2 x micro_batch (chosen, rejected); J-BOND
 micro_batch x (samples_per_prompt + 1) trained (the policy samples and the best anchor sample, as
@@ -63,10 +67,12 @@ class StageMemory:
     rows: dict[str, int] = field(default_factory=dict)  # bytes per device, persistent
     train: dict[str, int] = field(default_factory=dict)  # transient, during a train step
     rollout: dict[str, int] = field(default_factory=dict)  # transient, during sampling
+    merge: dict[str, int] = field(default_factory=dict)  # transient, while WARM averages its members
 
     @property
     def peak(self) -> int:
-        return sum(self.rows.values()) + max(sum(self.train.values()), sum(self.rollout.values()), 0)
+        return sum(self.rows.values()) + max(sum(self.train.values()), sum(self.rollout.values()),
+                                             sum(self.merge.values()), 0)
 
 
 @dataclass
@@ -188,8 +194,11 @@ def _distill(cfg: Config, student: ModelPlan, teacher: ModelPlan) -> StageMemory
 
 
 def _warm(cfg: Config, rm: ModelPlan) -> StageMemory:
-    mem = StageMemory("reward model", _trained(cfg, rm) | _frozen(cfg, rm, "average / anchor (fp32)", "float32"))
+    mem = StageMemory("reward model", _trained(cfg, rm))
     mem.train = _train_step(cfg, rm, 2 * cfg.data.micro_batch_size)
+    # after the members: the eval-only model holding their average, and every member's shards (fp32)
+    mem.merge = _frozen(cfg, rm, "eval-only model") | {
+        "member shards (fp32)": cfg.warm.members * 4 * rm.counts["total"] // _shard(cfg, 3)}
     return mem
 
 
@@ -198,6 +207,8 @@ def _policy(cfg: Config, policy: ModelPlan, rm: ModelPlan | None) -> StageMemory
     mem = StageMemory("policy", _trained(cfg, policy) | _frozen(cfg, policy, "average / anchor (fp32)", "float32"))
     if rm is not None:
         mem.rows |= _frozen(cfg, rm, "reward model (frozen)")
+    if "warp" in p.algorithm:  # evaluates the merges and the eta sweep beside each run's engine
+        mem.rows |= _frozen(cfg, policy, "eval-only model")
     # (trained rows, rolled-out rows); bond_then_warp runs both phases, so its peak is the larger.
     phases = [(mb * (p.samples_per_prompt + 1), mb * max(p.samples_per_prompt, p.anchor_samples))] \
         if "bond" in p.algorithm else []
@@ -246,10 +257,14 @@ def plan(cfg: Config) -> Plan:
     if cfg.distill.cache_targets and "distill" in stages:
         notes.append("distill.cache_targets: the teacher runs in its own pass before the student trains "
                      "(its memory is not in the distill column)")
+    if on_gpu := student.dtype == "bfloat16":
+        whole = max(m.counts["total"] * BYTES[m.dtype] for m in models.values())
+        notes.append(f"whole models: each rank loads a model whole onto its device before the engine shards it "
+                     f"(up to {_gib(whole)} GiB for a moment), and WARM's shared init and WARP's base wait in host "
+                     f"memory while the sharded engines train ({_gib(whole)} GiB of host memory per rank)")
     if cfg.distributed.offload_optimizer:
         notes.append("offload_optimizer: Adam states need host memory: "
                      f"{_gib(12 * student.counts['total'] // cfg.distributed.world_size)} GiB per device")
-    on_gpu = student.dtype == "bfloat16"
     peak = max((s.peak for s in stages.values()), default=0)
     if on_gpu and peak > GPU_MEMORY:
         notes.append(f"estimated peak {_gib(peak)} GiB exceeds an 80 GB GPU; fix: raise distributed.zero_stage "
@@ -296,7 +311,7 @@ def format_plan(p: Plan) -> str:
             return f"  {title + label:<28}" + "".join(f"{_gib(c) if c is not None else '-':>14}" for c in cells)
 
         lines += [row("", label, "rows") for label in labels]
-        for part, title in (("train", "train: "), ("rollout", "rollout: ")):
+        for part, title in (("train", "train: "), ("rollout", "rollout: "), ("merge", "merge: ")):
             part_labels = list(dict.fromkeys(k for s in p.stages.values() for k in getattr(s, part)))
             lines += [row(title, label, part) for label in part_labels]
         lines.append(f"  {'peak':<28}" + "".join(f"{_gib(p.stages[n].peak):>14}" for n in names))

@@ -7,7 +7,7 @@ Layout of the directory: `shard_<rank>_<j>.ids.npy` (tokens, k) int32 and `.prob
 float16, `index_<rank>.json` (example -> shard, first row, rows) and `manifest.json` (what the targets
 were made from: method, k, temperature, seed, example count; a cache made from something else is
 rebuilt, never silently reused). Each rank computes the examples i with i % world == rank; every rank
-reads them all. Per example, the draw uses a generator seeded by (seed, i): the same targets whatever
+reads them all. Per example, the draw uses a generator seeded by derive_seed(seed, what, i): the same targets whatever
 the number of ranks or the batch an example lands in. For method=topk the file holds the teacher's
 probabilities of its top ids; `batch` returns their logs (chunked_topk_kl renormalises them).
 """
@@ -24,6 +24,7 @@ from .checkpoint import atomic_write
 from .engine import barrier, rank, world_size
 from .loader import Batch, collate
 from .losses import teacher_targets
+from .seeds import derive_seed
 from .tracking import progress
 
 EXAMPLES_PER_SHARD = 256
@@ -44,7 +45,8 @@ class TargetCache:
         return {"method": d.method, "k": d.top_k if d.method == "topk" else d.num_samples,
                 "temperature": d.temperature, "seed": cfg.seed, "examples": n_examples,
                 "teacher": cfg.model.teacher.model_dump() if cfg.model.teacher else None,
-                "context": d.teacher_context, "max_seq_len": cfg.data.max_seq_len}
+                "context": d.teacher_context, "max_seq_len": cfg.data.max_seq_len,
+                "draws": "seeds.derive_seed"}  # how the per-example seeds are made
 
     @classmethod
     @torch.no_grad()
@@ -90,7 +92,7 @@ class TargetCache:
                 out = []
                 for r, i in enumerate(group):
                     g = torch.Generator(device=teacher.device)
-                    g.manual_seed(cfg.seed * 1_000_003 + i)
+                    g.manual_seed(derive_seed(cfg.seed, "distill/cached_targets", i))
                     kw = {} if topk else {"temperature": d.temperature, "generator": g}
                     out.append(teacher_targets(h[r][batch.loss_mask[r]], w, k=min(k, w.shape[0]),
                                                method="topk" if topk else "sample",

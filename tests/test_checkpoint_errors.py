@@ -47,6 +47,31 @@ def test_round_trip_of_our_own_export(tiny_dir):
         assert torch.equal(model(ids), again(ids))
 
 
+def test_a_frozen_embedding_is_stored_once_in_a_run(tmp_path):
+    """save_pretrained(dedupe_within=run): the embedding gets a shard of its own; the second stage's equal
+    shard is a hard link to the first's, its other weights are its own, and each directory loads alone
+    (in transformers too) with its own logits."""
+    first = posttrain.build_model(TINY, seed=0)
+    second = posttrain.build_model(TINY, seed=1)
+    second.embed_tokens.weight.data.copy_(first.embed_tokens.weight)  # frozen: the same embedding
+    a = save_pretrained(first, None, tmp_path / "run" / "distill" / "final", dedupe_within=tmp_path / "run")
+    b = save_pretrained(second, None, tmp_path / "run" / "policy" / "final", dedupe_within=tmp_path / "run")
+    index = json.loads((b / "model.safetensors.index.json").read_text())["weight_map"]
+    embed_file = index["model.embed_tokens.weight"]
+    assert set(index.values()) - {embed_file} and list(index.values()).count(embed_file) == 1
+    assert (a / embed_file).stat().st_ino == (b / embed_file).stat().st_ino  # stored once
+    rest = next(f for f in set(index.values()) if f != embed_file)
+    assert (a / rest).stat().st_ino != (b / rest).stat().st_ino
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        for model, path in ((first, a), (second, b)):
+            assert torch.equal(posttrain.load_model(path)(ids), model(ids))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(b, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, second(ids), rtol=1e-4, atol=1e-4)
+
+
 def test_missing_path():
     with pytest.raises(UserError, match="does not exist.*gemma3-270m"):
         posttrain.load_model("/nonexistent/gemma")

@@ -25,7 +25,8 @@ from posttrain.tracking import offline_history
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 BASE = ["recipe=smoke", "stages=[distill]", f"distill.steps={STEPS}", "distill.warmup_steps=1",
-        "distill.eval_every=0", "data.eval=null", "checkpoint.every=2", "tracking.log_every=1"]
+        "distill.eval_every=0", "data.eval=null", "checkpoint.every=2", "checkpoint.keep_optimizer=true",
+        "tracking.log_every=1"]
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1, timeout: float = 300, wait: bool = True):

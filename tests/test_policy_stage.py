@@ -77,7 +77,10 @@ def test_bond_two_ranks_zero3_resume_after_sigkill_is_exact(tmp_path):
 
 
 def test_warp_reports_each_stage_and_the_eta_sweep(tmp_path):
-    res = train(tmp_path, "policy.algorithm=warp", "policy.steps=2", "policy.warp_runs=2", "policy.warp_iterations=2")
+    # max_chars 30: the tiny model's 8-token completions are 30-60 characters long, so every run's rewards
+    # vary and every run moves (at 20 most score 0, at 60 all 1: a run whose rewards all tie has no gradient)
+    res = train(tmp_path, "policy.algorithm=warp", "policy.steps=2", "policy.warp_runs=2", "policy.warp_iterations=2",
+                "rewards=[{name: examples/my_reward.py:brevity, options: {max_chars: 30}}]")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "smoke" / "policy" / "summary.json").read_text())["warp"]
     stages = [(row["iteration"], row["stage"]) for row in summary["history"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from posttrain.seeds import derive_seed
 from posttrain.engine import Frozen
 from posttrain.loader import collate
 from posttrain.losses import teacher_targets
@@ -42,7 +43,7 @@ def test_cache_holds_the_teachers_targets_in_loss_order(tmp_path):
         one = collate(ex, [[i]], len(ex[i][0]), pad_id=0)
         with torch.no_grad():
             h = teacher.hidden_states(one.ids)[one.loss_mask]
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "distill/cached_targets", i))
         a, b = teacher_targets(h, teacher.embed_tokens.weight, k=16, method="sample", generator=g)
         want_ids.append(a)
         want_probs.append(b)

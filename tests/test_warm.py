@@ -16,7 +16,7 @@ import rewards
 from posttrain.errors import UserError
 from posttrain.reward_model import Pair, RewardModel, collate_pairs
 from posttrain.tokenizer import load_tokenizer
-from posttrain.warm import average_shards, flip_labels
+from posttrain.stages.warm import average_shards, flip_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .engine import Engine, all_sum, default_warmup, barrier, rank, world_size, write_json_atomic
-from .errors import UserError
-from .merge import lerp, uniform_average
-from .model import Gemma3
-from .reward_model import Pair, RewardModel, bradley_terry_loss, collate_pairs, pair_examples
-from .tracking import Tracker, progress
+from ..config import Config
+from ..engine import Engine, Frozen, all_sum, barrier, default_warmup, rank, world_size, write_json_atomic
+from ..errors import UserError
+from ..merge import lerp, uniform_average
+from ..model import Gemma3
+from ..reward_model import Pair, RewardModel, bradley_terry_loss, collate_pairs, pair_examples
+from ..seeds import derive_seed
+from ..tracking import Tracker
+from .loop import DONE, StageResult, StepLoop, drop_checkpoints, finished
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -44,7 +46,7 @@ LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def split_pairs(pairs: list[Pair], share: float, seed: int) -> tuple[list[Pair], list[Pair]]:
     order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
+    random.Random(derive_seed(seed, "warm/held_out")).shuffle(order)
     n_eval = max(1, int(round(share * len(pairs))))
     held = sorted(order[:n_eval])
     held_set = set(held)
@@ -53,7 +55,7 @@ def split_pairs(pairs: list[Pair], share: float, seed: int) -> tuple[list[Pair],
 
 def flip_labels(pairs: list[Pair], share: float, seed: int) -> list[Pair]:
     """A copy with `share` of the pairs (seeded choice) swapped: rejected presented as chosen."""
-    r = random.Random(seed + 7919)
+    r = random.Random(derive_seed(seed, "warm/label_noise"))
     flip = set(r.sample(range(len(pairs)), int(round(share * len(pairs)))))
     return [Pair(p.rejected, p.chosen) if i in flip else p for i, p in enumerate(pairs)]
 
@@ -154,11 +156,11 @@ def _load_member(path: Path) -> dict:
 
 def _member_settings(cfg: Config, m: int) -> dict:
     w = cfg.warm
-    return {"seed": cfg.seed + 1000 * (m + 1), "lr": w.lrs[m % len(w.lrs)], "dropout": w.dropouts[m % len(w.dropouts)]}
+    return {"seed": derive_seed(cfg.seed, "warm/member", m), "lr": w.lrs[m % len(w.lrs)], "dropout": w.dropouts[m % len(w.dropouts)]}
 
 
 def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair], cfg: Config, pad_id: int,
-                 out_dir: Path, tracker: Tracker, init_id: str) -> dict:
+                 out_dir: Path, tracker: Tracker, init_id: str, device: torch.device) -> dict:
     """Fine-tune member m from the init; returns its result (also member_<m>/result.json)."""
     w, B = cfg.warm, cfg.data.micro_batch_size
     mdir = out_dir / f"member_{m}"
@@ -167,7 +169,7 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
         return json.loads(result_path.read_text())
     settings = _member_settings(cfg, m)
     torch.manual_seed(settings["seed"])
-    member = copy.deepcopy(init)
+    member = copy.deepcopy(init).to(device)
     member.set_dropout(settings["dropout"])
     engine = Engine(member, cfg, lr=settings["lr"], steps=w.steps, warmup_steps=default_warmup(w.steps, w.warmup_steps), out_dir=mdir)
     start, extra = engine.resume() if cfg.resume else (0, None)
@@ -177,12 +179,11 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
     def batch_at(step: int) -> list[Pair]:
         epoch, k = divmod(step, epoch_len)
         order = list(range(len(train)))
-        random.Random(settings["seed"] + epoch).shuffle(order)
+        random.Random(derive_seed(settings["seed"], "warm/pair_order", epoch)).shuffle(order)
         first = k * per_step + rank() * B
         return [train[i] for i in order[first:first + B]]
 
-    bar = progress(total=w.steps, initial=start, desc=f"warm member {m}")
-    for step in range(start, w.steps):
+    def step_fn(step: int) -> dict:
         pairs = batch_at(step)
         ids, lengths = collate_pairs(pairs, pad_id, engine.device)
         r = engine.module(ids, lengths)
@@ -191,18 +192,11 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
         engine.backward(loss)
         info = engine.step()
         loss_sum, correct, count = all_sum([float(loss.detach()) * n, float((r[:n] > r[n:]).sum()), float(n)])
-        if (step + 1) % cfg.tracking.log_every == 0 or step + 1 == w.steps:
-            tracker.log({f"member_{m}/loss": loss_sum / count, f"member_{m}/train_accuracy": correct / count,
-                         f"member_{m}/lr": info["lr"], f"member_{m}/grad_norm": info["grad_norm"]},
-                        step=m * w.steps + step + 1)
-        bar.update(1)
-        done = step + 1
-        stop = engine.stop_requested()
-        if (engine.should_save(done) and done < w.steps) or stop:
-            engine.save(done)
-        if stop:
-            engine.preempt(f"warm member {m}", done, bar.close, tracker.finish)
-    bar.close()
+        return {"loss": loss_sum / count, "train_accuracy": correct / count, "lr": info["lr"],
+                "grad_norm": info["grad_norm"]}
+
+    StepLoop(f"warm member {m}", engine, tracker, cfg, w.steps, prefix=f"member_{m}/",
+             step_offset=m * w.steps).run(step_fn, start)
     engine.model.eval()
     held_margins = margins(engine.module, held, pad_id, B)
     mdir.mkdir(parents=True, exist_ok=True)
@@ -217,19 +211,22 @@ def train_member(m: int, init: RewardModel, train: list[Pair], held: list[Pair],
     barrier()
     if rank() == 0:
         write_json_atomic(result_path, result)
-    barrier()
+    drop_checkpoints(cfg, mdir)  # the member's result is its shards now
     engine.close()
     return result
 
 
-def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) -> dict:
+def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) -> StageResult:
+    """The WARM reward model (<stage dir>/reward_model) and the accuracy table."""
     w, data_cfg = cfg.warm, cfg.data
     out_dir = Path(out_dir or cfg.out_dir / "warm")
+    if (table := finished(cfg, out_dir, w.steps, "stage warm")) is not None:
+        return StageResult(out_dir / "reward_model", table)
     from .distill import load_split
 
     rows = load_split(data_cfg.preferences, "data.preferences")
     if w.max_pairs is not None and len(rows) > w.max_pairs:
-        rows = random.Random(cfg.seed).sample(rows, w.max_pairs)  # a seeded subset, before the held-out split
+        rows = random.Random(derive_seed(cfg.seed, "warm/subset")).sample(rows, w.max_pairs)  # a seeded subset, before the held-out split
     pairs = pair_examples(rows, tok, data_cfg.max_seq_len)
     if data_cfg.eval_preferences:
         train, held = pairs, pair_examples(load_split(data_cfg.eval_preferences, "data.eval_preferences"), tok,
@@ -249,13 +246,17 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
         probe["probe/accuracy"] = accuracy(margins(init.eval(), held, pad, B))  # the shared init, held out
     tracker.log(probe, step=0)
 
-    # 2. members
-    results = [train_member(m, init, train, held, cfg, pad, out_dir, tracker, init_id) for m in range(w.members)]
+    # 2. members. The shared init waits in host memory meanwhile: on a GPU, a whole copy of it beside each
+    # member's (sharded) engine would not fit a large model. On the CPU this moves nothing.
+    device = _device(init)
+    init.to("cpu")
+    results = [train_member(m, init, train, held, cfg, pad, out_dir, tracker, init_id, device)
+               for m in range(w.members)]
 
     # 3. WARM = uniform average of the members' shards; evaluated through an engine holding them
-    final = RewardModel(copy.deepcopy(backbone))
+    final = RewardModel(copy.deepcopy(backbone)).to(device)
     final.head.load_state_dict(init.head.state_dict())
-    engine = Engine(final, cfg, lr=1e-9, steps=1, warmup_steps=0, out_dir=out_dir / "average")
+    engine = Frozen(final, cfg, like_trained=True)  # evaluates and saves the averages: no optimizer state
     members = [_load_member(out_dir / f"member_{m}") for m in range(w.members)]  # this rank's parts
     engine.assign_local(average_shards(members))
     engine.model.eval()
@@ -299,7 +300,15 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
                                                           zip(table["path_lambdas"], table["path_accuracy"])))
     tracker.finish()
     engine.close()
-    return table
+    backbone.to(device)  # the caller's model, where it was
+    barrier()
+    if rank() == 0:
+        write_json_atomic(out_dir / DONE, {"steps": w.steps, "summary": table})
+        if not cfg.checkpoint.keep_optimizer:  # the members' shards: only a resume of an unfinished stage reads them
+            for shard in out_dir.glob("member_*/shard_rank*.pt"):
+                shard.unlink()
+    barrier()
+    return StageResult(out_dir / "reward_model", table)
 
 
 __all__ = ["run_warm", "average_shards", "fingerprint", "split_pairs", "flip_labels", "margins", "accuracy"]

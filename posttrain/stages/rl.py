@@ -14,15 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .data import Example, to_messages
-from .engine import Engine, all_sum, rank, world_size
-from .errors import UserError
-from .loader import collate
-from .losses import sequence_logprobs
-from .merge import ema_
-from .sampler import Sampler
-from .tracking import Tracker, progress
+from ..config import Config
+from ..data import Example, to_messages
+from ..engine import Engine, all_sum, rank, world_size
+from ..errors import UserError
+from ..loader import collate
+from ..losses import sequence_logprobs
+from ..merge import ema_
+from ..sampler import Sampler
+from ..seeds import derive_seed
+from ..tracking import Tracker
+from .loop import StepLoop
 
 
 # ----------------------------------------------------------------------------- prompts and rewards
@@ -47,7 +49,7 @@ class Prompts:
         epoch_len = max(1, len(self.rows) // per_step)
         epoch, k = divmod(step, epoch_len)
         order = list(range(len(self.rows)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(derive_seed(seed, "rl/prompt_order", epoch)).shuffle(order)
         first = k * per_step + rank() * size
         return [order[(first + j) % len(order)] for j in range(size)]
 
@@ -210,46 +212,39 @@ def _mean_over_ranks(metrics: dict) -> dict:
     return {k: sum(m[k] for m in every if k in m) / sum(k in m for m in every) for k in keys}
 
 
-def step_seed(cfg: Config, *key: int) -> int:
-    """The sampler's seed for (run, step) on this rank: part of what makes resume=true exact."""
-    return hash((cfg.seed, *key, rank())) & 0xFFFFFFF
+def step_seed(cfg: Config, *key: int | str) -> int:
+    """The sampler's seed for (what, run, step) on this rank: part of what makes resume=true exact."""
+    return derive_seed(cfg.seed, "rl/rollout", *key, rank())
 
 
 def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prompts, held, reward, verifier,
                cfg: Config, tok, tracker: Tracker, out_dir: Path, *, start: int, before: dict, step_offset: int = 0,
                seed_key: int = 0, log_samples: bool = True) -> dict:
-    """Steps start..policy.steps of one RL run; checkpoints (engine + anchor + eval before) as it goes."""
+    """Steps start..policy.steps of one RL run through the step loop; checkpoints hold the engine,
+    the anchor's shards and the evaluation before."""
     p = cfg.policy
-    bar = progress(total=p.steps, initial=start, desc=name)
-    last: dict = {}
-    for step in range(start, p.steps):
+
+    def one_step(step: int) -> dict:
         t0 = time.perf_counter()
-        idx = prompts.batch(step + 1000 * seed_key, cfg.data.micro_batch_size, cfg.seed + seed_key)
+        idx = prompts.batch(step, cfg.data.micro_batch_size, derive_seed(cfg.seed, "rl/run", seed_key))
         metrics = step_fn(engine, anchor, prompts, idx, reward, cfg, tok, step_seed(cfg, seed_key, step))
         metrics["step_seconds"] = time.perf_counter() - t0
-        metrics = _mean_over_ranks(metrics)
-        done = step + 1
-        if held is not None and p.eval_every and done % p.eval_every == 0 and done < p.steps:
-            metrics |= evaluate(engine, held, verifier, reward, cfg, tok)
-        if done % cfg.tracking.log_every == 0 or done == p.steps:
-            tracker.log({f"{name}/{k}": v for k, v in metrics.items()}, step=step_offset + done)
-        last = metrics
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}")
-        stop = engine.stop_requested()
-        if (engine.should_save(done) and done < p.steps) or stop:
-            engine.save(done, extra={"before": before}, rank_state={"anchor": anchor.state})
-        if stop:
-            engine.preempt(name, done, bar.close, tracker.finish)
-    bar.close()
+        return _mean_over_ranks(metrics)
+
+    loop = StepLoop(name, engine, tracker, cfg, p.steps, prefix=f"{name}/", step_offset=step_offset,
+                    eval_every=p.eval_every if held is not None else 0,
+                    evaluate=lambda: evaluate(engine, held, verifier, reward, cfg, tok),
+                    state=lambda: {"before": before}, rank_state=lambda: {"anchor": anchor.state},
+                    postfix=("reward", ".3f"))
+    last = loop.run(one_step, start)
     if log_samples and p.steps > start:
         log_sample_table(name, engine, prompts, reward, cfg, tok, tracker, step_offset + p.steps)
     return last
 
 
 def log_sample_table(name, engine, prompts, reward, cfg, tok, tracker, step) -> None:
-    idx = prompts.batch(0, min(4, len(prompts.rows)), cfg.seed)
-    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=step_seed(cfg, 7, step))
+    idx = prompts.batch(0, min(4, len(prompts.rows)), derive_seed(cfg.seed, "rl/samples"))
+    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=step_seed(cfg, "samples", step))
     texts = decode(tok, comps)
     r, _ = score(reward, prompts, idx, texts)
     rows = [[prompts.text[i], t[0], float(x)] for i, t, x in zip(idx, texts, r[:, 0])]

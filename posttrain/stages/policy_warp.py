@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .engine import Engine, all_sum, default_warmup, barrier, rank, world_size, write_json_atomic
-from .model import Gemma3
+from ..config import Config
+from ..engine import Engine, Frozen, Held, all_sum, barrier, default_warmup, rank, world_size, write_json_atomic
+from ..model import Gemma3
 from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, rollout, rollout_metrics, score,
                  seq_logprobs, step_seed, train_loop)
-from .warp import eta_sweep, warp, warp_loss
+from ..warp import eta_sweep, warp, warp_loss
+from .loop import DONE, drop_checkpoints, finished
 
 
 def warp_steps(cfg: Config, first: int = 0):
@@ -75,8 +76,14 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
     import copy
 
     p = cfg.policy
+    if (summary := finished(cfg, out_dir, p.steps, "WARP")) is not None:
+        return summary
     block, stage_step = warp_steps(cfg, first_step)
-    ev = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=1, warmup_steps=0, out_dir=out_dir / "eval", grad_accum=1)
+    # base waits in host memory (on a GPU, a whole copy beside the runs' sharded engines would not fit a
+    # large model); each engine gets its own copy on the device. On the CPU this moves nothing.
+    device = base.embed_tokens.weight.device
+    base.to("cpu")
+    ev = Frozen(copy.deepcopy(base).to(device), cfg, like_trained=True)  # evaluates, exports: no optimizer state
     reduce = _all_reduce_sum if world_size() > 1 else None
 
     def run_rl(init: dict, m: int, it: int) -> dict:
@@ -84,7 +91,7 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
         final = rdir / f"final_rank{rank()}.pt"
         if cfg.resume and final.exists():
             return torch.load(final, weights_only=True)
-        engine = Engine(copy.deepcopy(base), cfg, lr=p.lr, steps=p.steps, warmup_steps=default_warmup(p.steps, p.warmup_steps),
+        engine = Engine(copy.deepcopy(base).to(device), cfg, lr=p.lr, steps=p.steps, warmup_steps=default_warmup(p.steps, p.warmup_steps),
                         out_dir=rdir, grad_accum=1)
         engine.assign_local(init)
         start, _ = engine.resume() if cfg.resume else (0, None)
@@ -96,7 +103,7 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
         out = {k: v.detach().clone() for k, v in engine.local_shards().items()}
         rdir.mkdir(parents=True, exist_ok=True)
         torch.save(out, final)
-        barrier()
+        drop_checkpoints(cfg, rdir)  # the run's result is its shards now
         engine.close()
         return out
 
@@ -128,7 +135,13 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
     if rank() == 0:
         write_json_atomic(out_dir / "eta_sweep.json", front)
         _plot_front(front, out_dir / "eta_sweep.png")
+        write_json_atomic(out_dir / DONE, {"steps": p.steps, "summary": summary})
+        if not cfg.checkpoint.keep_optimizer:  # the runs' shards: only a resume of this stage needs them
+            for shard in out_dir.glob("iter*/run*/final_rank*.pt"):
+                shard.unlink()
+    barrier()
     ev.close()
+    base.to(device)  # the caller's model, where it was
     return summary
 
 
@@ -140,17 +153,20 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _kl_estimate(engine: Engine, base: Anchor, prompts: Prompts, cfg: Config, tok) -> float:
+def _kl_estimate(engine: Held, base: Anchor, prompts: Prompts, cfg: Config, tok) -> float:
     """KL(policy || base) estimated on one sampled completion per held-out prompt (this rank's share):
-    the mean of log pi(y) - log base(y), y ~ pi."""
+    the mean of (r - 1) - log r with r = base(y) / pi(y), y ~ pi. Unbiased like the mean of
+    log pi(y) - log base(y) (E[r] = 1), but never negative, with less variance (Schulman, "Approximating
+    KL divergence", 2020): a few prompts cannot report a negative distance."""
     size = min(cfg.policy.eval_size, len(prompts.rows))
     mine = list(range(size))[rank()::world_size()]
     idx, weight = mine or [0], float(bool(mine))
-    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=step_seed(cfg, 5))
+    comps = rollout(engine, prompts, idx, 1, cfg, tok, seed=step_seed(cfg, "kl_estimate"))
     lp = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
     with base.swapped_in(engine):
         lb = seq_logprobs(engine, prompts, idx, comps, cfg, tok.pad_id)
-    total, n = all_sum([float((lp - lb).sum()) * weight, float(len(idx)) * weight])
+    log_r = (lb - lp).double()
+    total, n = all_sum([float((log_r.exp() - 1 - log_r).sum()) * weight, float(len(idx)) * weight])
     return total / n
 
 

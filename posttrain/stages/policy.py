@@ -26,15 +26,17 @@ from pathlib import Path
 
 import torch
 
-from .bond import best_anchor, jbond_loss, quantile_reward, wins
-from .config import Config
-from .engine import Engine, all_sum, default_warmup, rank, world_size, write_json_atomic
-from .errors import UserError
-from .model import Gemma3
+from ..bond import best_anchor, jbond_loss, quantile_reward, wins
+from ..config import Config
+from ..engine import Engine, all_sum, default_warmup, rank, world_size, write_json_atomic
+from ..errors import UserError
+from ..model import Gemma3
+from ..seeds import derive_seed
 from .policy_warp import run_warp
 from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, rollout, rollout_metrics, score, secondary,
                  seq_logprobs, train_loop)
-from .tracking import Tracker
+from ..tracking import Tracker
+from .loop import StageResult, finish, finished
 
 # ----------------------------------------------------------------------------- J-BOND
 
@@ -43,7 +45,7 @@ def bond_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], 
     p, pad = cfg.policy, tok.pad_id
     pol = rollout(engine, prompts, idx, p.samples_per_prompt, cfg, tok, seed)
     with anchor.swapped_in(engine):
-        anc = rollout(engine, prompts, idx, p.anchor_samples, cfg, tok, seed + 1)
+        anc = rollout(engine, prompts, idx, p.anchor_samples, cfg, tok, derive_seed(seed, "anchor"))
         with torch.no_grad():
             anchor_lp = seq_logprobs(engine, prompts, idx, pol, cfg, pad)
     r_pol, out_pol = score(reward, prompts, idx, decode(tok, pol))
@@ -97,17 +99,14 @@ def build_reward(cfg: Config, reward_model_path: Path | None):
 
 def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path) -> dict:
     p = cfg.policy
-    engine = Engine(student, cfg, lr=p.lr, steps=p.steps, warmup_steps=default_warmup(p.steps, p.warmup_steps), out_dir=out_dir,
-                    grad_accum=1)  # one rollout batch per optimizer step: the anchor follows every step
+    if (summary := finished(cfg, out_dir, p.steps, "J-BOND")) is not None:
+        return summary
+    engine = Engine(student, cfg, lr=p.lr, steps=p.steps, warmup_steps=default_warmup(p.steps, p.warmup_steps),
+                    out_dir=out_dir, grad_accum=1)  # one rollout batch per optimizer step: the anchor follows every step
     start, extra = engine.resume() if cfg.resume else (0, None)
     state = (engine.resumed_rank_state or {}).get("anchor")
     anchor = Anchor(engine, state)
     before = (extra or {}).get("before") or {}
-    if start >= p.steps and extra is not None and "summary" in extra:
-        if rank() == 0:
-            print(f"J-BOND already finished: its checkpoint is at step {start} of {p.steps}; nothing to do")
-        engine.close()
-        return extra["summary"]
     if not before:
         before = evaluate(engine, held, verifier, reward, cfg, tok)
         tracker.log({f"bond/{k}": v for k, v in before.items()}, step=0)
@@ -117,14 +116,14 @@ def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier,
     tracker.log({f"bond/{k}": v for k, v in after.items()}, step=p.steps)
     summary = {"steps": p.steps, "before": before, "after": after, "last": last}
     engine.export_final(tok, out_dir / "final", summary)
-    engine.save(p.steps, extra={"before": before, "summary": summary}, rank_state={"anchor": anchor.state})
+    finish(engine, out_dir, p.steps, summary, state={"before": before}, rank_state={"anchor": anchor.state})
     engine.close()
     return summary
 
 
 def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None = None,
-               out_dir: Path | None = None) -> tuple[Path, dict]:
-    """The policy stage; returns (the final policy's HF directory, the summary)."""
+               out_dir: Path | None = None) -> StageResult:
+    """The policy stage; returns the final policy's HF directory and the summary."""
     from .distill import load_split
 
     p, out_dir = cfg.policy, Path(out_dir or cfg.out_dir / "policy")
@@ -142,7 +141,7 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
         final = out_dir / "bond" / "final"
     if p.algorithm in ("warp", "bond_then_warp"):
         if final is not None:
-            from .checkpoint import load_model
+            from ..checkpoint import load_model
 
             student = load_model(final, dtype=student.embed_tokens.weight.dtype)
         summary["warp"] = run_warp(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "warp",
@@ -157,7 +156,7 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
                 print(f"policy/{part}: held-out {p.eval_verifier} {b.get('eval/verifier', float('nan')):.3f} -> "
                       f"{a.get('eval/verifier', float('nan')):.3f}, training reward "
                       f"{b.get('eval/reward', float('nan')):.3f} -> {a.get('eval/reward', float('nan')):.3f}")
-    return final, summary
+    return StageResult(final, summary)
 
 
 __all__ = ["run_policy", "run_bond", "bond_step", "build_reward"]

@@ -12,8 +12,8 @@ Methods (`distill.method`):
 Loss only on model turns. The teacher sees `distill.teacher_context` before each prompt (context
 distillation) when it is set; the reply tokens, and so the positions trained, are the same for both.
 Targets come from the teacher loaded beside the student, or (`cache_targets`) from shards the teacher
-wrote once (targets.py), which the student streams. Every draw uses a generator seeded by (seed,
-step, micro-batch, rank) or (seed, example), so a resumed run draws the same targets.
+wrote once (targets.py), which the student streams. Every draw uses a generator seeded by
+seeds.derive_seed(seed, what, global micro-batch) or (seed, what, example), so a resumed run draws the same targets.
 
 Logged: loss, lr, grad_norm, tokens/s, step time, peak memory, and on the held-out set (`data.eval`,
 every `distill.eval_every` steps, before and after) the full-vocabulary KL(teacher || student) and
@@ -28,16 +28,18 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .data import Example, load_rows, to_messages, validate_rows
-from .engine import Engine, Frozen, all_sum, rank, world_size
-from .errors import UserError
-from .loader import Batch, DataLoader, collate
-from .losses import chunked_sampled_distillation, chunked_topk_kl, distill_metrics, teacher_targets
-from .model import Gemma3
-from .sampler import Sampler
-from .targets import TargetCache
-from .tracking import Tracker, progress
+from ..config import Config
+from ..data import Example, load_rows, to_messages, tokenize_rows
+from ..engine import Engine, Frozen, all_sum, rank, world_size
+from ..errors import UserError
+from ..loader import Batch, DataLoader, collate
+from ..losses import chunked_sampled_distillation, chunked_topk_kl, distill_metrics, teacher_targets
+from ..model import Gemma3
+from ..sampler import Sampler
+from ..seeds import derive_seed
+from ..targets import TargetCache
+from ..tracking import Tracker
+from .loop import StageResult, StepLoop, finish, finished
 
 
 # ----------------------------------------------------------------------------- data
@@ -66,30 +68,12 @@ def read_context(value: str | None) -> str | None:
 
 def paired_examples(rows: list[dict], tok, max_seq_len: int, context: str | None, truncation: str = "drop",
                     with_reply: bool = True) -> tuple[list[Example], list[Example]]:
-    """Student and teacher examples of the same rows. Both have the same reply tokens at their end,
-    so their loss positions pair up in order. A row whose student side is too long is dropped (or
-    both sides are cut by the same number of tokens, `truncation="truncate"`)."""
-    validate_rows(rows, require_reply=with_reply)
-    students, teachers, dropped = [], [], 0
-    for row in rows:
-        s = tok.apply_chat_template(to_messages(row, with_reply), add_generation_prompt=not with_reply)
-        t = tok.apply_chat_template(teacher_messages(row, context, with_reply), add_generation_prompt=not with_reply)
-        s_ids, s_mask, t_ids, t_mask = list(s.ids), list(s.loss_mask), list(t.ids), list(t.loss_mask)
-        if len(s_ids) > max_seq_len:
-            cut = len(s_ids) - max_seq_len
-            if truncation == "drop" or (with_reply and not any(s_mask[:max_seq_len])):
-                dropped += 1
-                continue
-            s_ids, s_mask, t_ids, t_mask = s_ids[:-cut], s_mask[:-cut], t_ids[:-cut], t_mask[:-cut]
-        assert sum(s_mask) == sum(t_mask), "student and teacher replies differ in length"
-        students.append(Example(s_ids, s_mask))
-        teachers.append(Example(t_ids, t_mask))
-    if not students:
-        raise UserError(f"all {len(rows)} rows are longer than data.max_seq_len={max_seq_len} tokens; fix: raise "
-                        "data.max_seq_len, or set data.truncation=truncate")
-    if dropped and rank() == 0:
-        print(f"distill: dropped {dropped} of {len(rows)} rows longer than data.max_seq_len={max_seq_len}")
-    return students, teachers
+    """Student and teacher examples of the same rows (data.tokenize_rows with the teacher's view)."""
+    students = tokenize_rows(rows, tok, max_seq_len, truncation, require_reply=with_reply,
+                             teacher=lambda row: teacher_messages(row, context, with_reply), key="data.max_seq_len")
+    if students.dropped and rank() == 0:
+        print(f"distill: dropped {students.dropped} of {len(rows)} rows longer than data.max_seq_len={max_seq_len}")
+    return students, students.paired
 
 
 def load_split(source: str, key: str) -> list[dict]:
@@ -103,10 +87,10 @@ def load_split(source: str, key: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- targets
 
-def _generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
+def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on the teacher's device (the sampling noise is drawn where the logits are)."""
     g = torch.Generator(device=device)
-    g.manual_seed(hash(key) & ((1 << 62) - 1))  # ints hash to themselves: stable across runs
+    g.manual_seed(seed)
     return g
 
 
@@ -211,10 +195,13 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
-def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_dir: Path | None = None) -> dict:
-    """Train the student on the teacher's distribution; returns the summary (also <stage dir>/summary.json)."""
+def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_dir: Path | None = None) -> StageResult:
+    """Train the student on the teacher's distribution; returns <stage dir>/final and the summary
+    (also <stage dir>/summary.json)."""
     d, data_cfg = cfg.distill, cfg.data
     out_dir = Path(out_dir or cfg.out_dir / "distill")
+    if (summary := finished(cfg, out_dir, d.steps, "stage distill")) is not None:
+        return StageResult(out_dir / "final", summary)
     context = read_context(d.teacher_context)
     on_policy = d.method == "on_policy"
     rows = load_split(data_cfg.train, "data.train")
@@ -239,33 +226,30 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     start, extra = engine.resume() if cfg.resume else (0, None)
     if extra:
         loader.load_state_dict(extra["loader"])
-        if start >= d.steps:
-            if rank() == 0:
-                print(f"stage distill already finished: its checkpoint is at step {start} of {d.steps} "
-                      f"({engine.latest()}); nothing to do. To train more, raise distill.steps; to start over, "
-                      f"delete {out_dir}")
-            engine.close()
-            return extra.get("summary", {})
     tracker = Tracker(cfg.tracking, out_dir, config=cfg.model_dump(), name=f"{cfg.name}-distill", group=cfg.name)
     chunk = data_cfg.loss_chunk_tokens
+
+    def held_out() -> dict:
+        engine.model.eval()
+        out = evaluate(engine.module, teacher, eval_s, eval_t, chunk)
+        engine.model.train()
+        return out
+
     before = (extra or {}).get("before") or {}
     if eval_s and not before:
-        engine.model.eval()
-        before = evaluate(engine.module, teacher, eval_s, eval_t, chunk)
-        engine.model.train()
+        before = held_out()
         tracker.log(before, step=start)
         if rank() == 0:
             print(f"distill: held-out before: KL {before['eval/kl']:.4f}, top-1 {before['eval/top1']:.3f}")
 
     accum = data_cfg.grad_accum
-    bar = progress(total=d.steps, initial=start, desc="distill")
-    step, last = start, dict(before)
-    for step in range(start, d.steps):
+
+    def step_fn(step: int) -> dict:
         t0 = time.perf_counter()
         micro = [next(loader).to(engine.device) for _ in range(accum)]
         if on_policy:
             pairs = [on_policy_batch(engine, s_ex, t_ex, b, cfg, tok,
-                                     seed=hash((cfg.seed, (step * accum + m) * world_size() + rank())) & 0xFFFFFFF)
+                                     seed=derive_seed(cfg.seed, "distill/on_policy", (step * accum + m) * world_size() + rank()))
                      for m, b in enumerate(micro)]
         else:
             pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id).to(teacher.device))
@@ -284,32 +268,21 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
                 # Keyed by the global micro-batch number (the loader's order), not by rank or accumulation
                 # slot: W ranks x G accumulation steps draw the same targets as 1 rank x W*G.
                 global_batch = (step * accum + m) * world_size() + rank()
-                ids, values = targets_for(teacher, tb, cfg, _generator(cfg.seed, global_batch, device=teacher.device))
+                ids, values = targets_for(teacher, tb, cfg, _generator(derive_seed(cfg.seed, "distill/targets", global_batch), teacher.device))
             loss = engine.module(student_loss(cfg, sb, ids, values, normalizer), sb.ids, sb.positions, sb.segments)
             engine.backward(loss)
             info = engine.step()
             loss_sum += float(loss.detach()) * normalizer
         seconds = time.perf_counter() - t0
         loss_total, tokens_total, seen_total = all_sum([loss_sum, float(local_tokens), float(local_seen)])
-        metrics = {"loss": loss_total / max(tokens_total, 1), "lr": info["lr"], "grad_norm": info["grad_norm"],
-                   "tokens_per_s": seen_total / seconds, "loss_tokens": tokens_total, "step_seconds": seconds, "memory_gb": _peak_memory_gb(),
-                   "state_gb": engine.held_state_bytes() / 2**30}
-        done = step + 1
-        if eval_s and d.eval_every and done % d.eval_every == 0 and done < d.steps:
-            engine.model.eval()
-            metrics |= evaluate(engine.module, teacher, eval_s, eval_t, chunk)
-            engine.model.train()
-        if done % cfg.tracking.log_every == 0 or done == d.steps:
-            tracker.log(metrics, step=done)
-        last |= metrics
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        stop = engine.stop_requested()
-        if (engine.should_save(done) and done < d.steps) or stop:  # the last one is saved below, with the summary
-            engine.save(done, extra={"loader": loader.state_dict(), "before": before})
-        if stop:
-            engine.preempt("distill", done, bar.close, tracker.finish)
-    bar.close()
+        return {"loss": loss_total / max(tokens_total, 1), "lr": info["lr"], "grad_norm": info["grad_norm"],
+                "tokens_per_s": seen_total / seconds, "loss_tokens": tokens_total, "step_seconds": seconds,
+                "memory_gb": _peak_memory_gb(), "state_gb": engine.held_state_bytes() / 2**30}
+
+    loop = StepLoop("distill", engine, tracker, cfg, d.steps, eval_every=d.eval_every,
+                    evaluate=held_out if eval_s else None,
+                    state=lambda: {"loader": loader.state_dict(), "before": before})
+    last = loop.run(step_fn, start)
 
     after = {}
     if eval_s:
@@ -319,13 +292,14 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     summary = {"steps": d.steps, "method": d.method, "final_loss": last.get("loss"),
                "before": before, "after": after}
     engine.export_final(tok, out_dir / "final", summary)  # and <stage dir>/summary.json
-    engine.save(d.steps, extra={"loader": loader.state_dict(), "before": before, "summary": summary})
+    finish(engine, out_dir, d.steps, summary, state={"loader": loader.state_dict(), "before": before})
     if rank() == 0 and after:
         print(f"distill: held-out after {d.steps} steps: KL {before['eval/kl']:.4f} -> {after['eval/kl']:.4f}, "
               f"top-1 {before['eval/top1']:.3f} -> {after['eval/top1']:.3f}")
     tracker.finish()
     engine.close()
-    return summary
+    teacher.close()
+    return StageResult(out_dir / "final", summary)
 
 
 def _teacher_batch(batch: Batch, t_ex: list[Example], pad_id: int) -> Batch:
