@@ -141,6 +141,12 @@ def _sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def dedupe_root(cfg: Config) -> Path | None:
+    """Where final models may share files (checkpoint.save_pretrained's dedupe_within): the run directory
+    when the embedding stays frozen through every stage, so each stage's copy of it is the same bytes."""
+    return cfg.out_dir if cfg.model.freeze_embeddings else None
+
+
 def default_warmup(steps: int, warmup_steps: int | None) -> int:
     """A stage's warm-up: the recipe's, else min(steps // 10, 50)."""
     return min(steps // 10, 50) if warmup_steps is None else warmup_steps
@@ -265,7 +271,7 @@ class Held:
                 from .checkpoint import save_pretrained
 
                 save_pretrained(model, tok, path, dtype=model.embed_tokens.weight.dtype,
-                                dedupe_within=self.cfg.out_dir if self.cfg.model.freeze_embeddings else None)
+                                dedupe_within=dedupe_root(self.cfg))
                 write_json_atomic(path.parent / "summary.json", summary)
         barrier()
 

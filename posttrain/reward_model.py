@@ -57,11 +57,13 @@ class RewardModel(nn.Module):
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.score(self.features(ids, lengths))
 
-    def save(self, path: str | Path, tokenizer=None) -> Path:
+    def save(self, path: str | Path, tokenizer=None, dedupe_within: str | Path | None = None) -> Path:
+        """The backbone as an HF directory plus the head; dedupe_within: as checkpoint.save_pretrained."""
         from .checkpoint import save_pretrained
 
         path = Path(path)
-        save_pretrained(self.backbone, tokenizer, path, dtype=self.backbone.embed_tokens.weight.dtype)
+        save_pretrained(self.backbone, tokenizer, path, dtype=self.backbone.embed_tokens.weight.dtype,
+                        dedupe_within=dedupe_within)
         save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, path / HEAD_FILE)
         (path / META_FILE).write_text(json.dumps({"pooling": "last_token", "head": HEAD_FILE}))
         return path

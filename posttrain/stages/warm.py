@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..engine import Engine, Frozen, all_sum, barrier, default_warmup, rank, world_size, write_json_atomic
+from ..engine import Engine, Frozen, all_sum, barrier, dedupe_root, default_warmup, rank, world_size, write_json_atomic
 from ..errors import UserError
 from ..merge import lerp, uniform_average
 from ..model import Gemma3
@@ -282,7 +282,8 @@ def run_warm(cfg: Config, backbone: Gemma3, tok, out_dir: Path | None = None) ->
         engine.assign_local(average_shards(members))
     with engine.full_weights():
         if rank() == 0:
-            engine.model.save(out_dir / "reward_model", tok)
+            engine.model.save(out_dir / "reward_model", tok,  # a frozen embedding: stored once in the run
+                              dedupe_within=dedupe_root(cfg))
             write_json_atomic(out_dir / "summary.json", {**table, "probe": probe})
     barrier()
     tracker.log({f"warm/{k}": v for k, v in table.items() if isinstance(v, float)}, step=w.members * w.steps + 1)
