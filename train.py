@@ -10,6 +10,8 @@
 Arguments are `recipe=NAME` (recipes/NAME.yaml, or a path to a .yaml file) and dotted
 `key=value` overrides, e.g. `distill.lr=1e-5 tracking.tags=[a,b] model.teacher=null`.
 Mistakes in them print one `error: ...` line per problem (no traceback) and exit with status 2.
+`--debug` (or POSTTRAIN_DEBUG=1) shows the traceback too. One run at a time per <run_dir>/<name>:
+a second one is refused while the first lives (a killed run's lock is free again).
 
 The resolved config is printed once and saved to <run_dir>/<name>/resolved_config.yaml; each
 stage writes <run_dir>/<name>/<stage>/ and, with resume=true, continues from its newest checkpoint.
@@ -27,6 +29,7 @@ import torch
 from posttrain.checkpoint import load_model, save_pretrained
 from posttrain.config import Config, ModelSpec
 from posttrain.recipe import describe_keys, load_config, print_config, save_config
+from posttrain.runlock import RunLock
 from posttrain.embedded import EMBEDDED_NAME
 from posttrain.errors import Preempted, UserError
 from posttrain.model import Gemma3, build_model, param_counts, prune_layers
@@ -161,6 +164,8 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         print("keys (type = default): description\n" + describe_keys())
         return 0
+    debug = "--debug" in argv or os.environ.get("POSTTRAIN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
         return run(argv)
     except Preempted as e:  # the checkpoint is written: exit 0, so a scheduler requeues the job
@@ -168,7 +173,9 @@ def main(argv: list[str]) -> int:
             print(f"\n{e}", flush=True)
         return 0
     except UserError as e:
-        # Every rank hits the same config error: one report per node (paths can differ by node).
+        if debug:  # --debug or POSTTRAIN_DEBUG=1: the traceback as well
+            raise
+        # Every rank meets the same error (stages decide together): one report per node.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             for line in str(e).splitlines():
                 print(f"error: {line}", file=sys.stderr, flush=True)
@@ -180,17 +187,31 @@ def main(argv: list[str]) -> int:
 def run(argv: list[str]) -> int:
     # 1. config: recipe + overrides, printed once and saved with the run
     cfg = load_config(argv)
+    # one run per <run_dir>/<name>: rank 0 holds its lock until the process ends (posttrain/runlock.py)
+    lock = RunLock.acquire(cfg.out_dir) if RANK == 0 else None
+    try:
+        return run_locked(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_locked(cfg: Config) -> int:
     if RANK == 0:
         print_config(cfg)
         log(f"saved {save_config(cfg)}")
 
-    # 2. dry run: what would run, on what, in how much memory; no weights read. A real run stops here,
-    # before any weights load, if a stage lacks its data (the plan lists it as a note).
+    # 2. dry run: what would run, on what, in how much memory; no weights read. Names nothing answers
+    # to (rewards, datasets, model sources) stop a real run here, before any weights load, and make a
+    # dry run exit 2 after its plan; a stage without its data is a note in the plan.
+    unresolved = cfg.unresolved()
     if cfg.dry_run:
         log("\n" + plan(cfg).format())
+        if unresolved:
+            raise UserError("\n".join(unresolved))
         return 0
-    if missing := cfg.missing_data():
-        raise UserError("\n".join(missing))
+    if problems := cfg.missing_data() + unresolved:
+        raise UserError("\n".join(problems))
 
     # 3. process group (torchrun's, or a world of one), models and tokenizer
     from posttrain.engine import init_distributed

@@ -252,6 +252,41 @@ class WarmSection(Section):
         return self
 
 
+def _data_problem(name: str) -> str | None:
+    """Why a data source cannot load (a bundled name, a local file or directory, or a hub id), else None."""
+    import data as bundled  # the repository's data/ package: bundled generators by name
+
+    path = Path(name).expanduser()
+    if name in bundled.BUNDLED or path.exists():
+        return None
+    if path.suffix in (".jsonl", ".json", ".parquet") or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return (f"'{name}' does not exist; fix: give an existing .jsonl/.json/.parquet file or directory, or a "
+                f"bundled name ({', '.join(sorted(bundled.BUNDLED))})")
+    if "/" not in name:
+        close = difflib.get_close_matches(name, list(bundled.BUNDLED), n=1)
+        if close:
+            return f"'{name}' is not a bundled dataset; did you mean '{close[0]}'? (a hub id is owner/name)"
+    return None  # a hub dataset: loaded (and checked) when the stage starts
+
+
+def _source_problem(source: str) -> str | None:
+    if source == EMBEDDED_NAME or Path(source).expanduser().exists():
+        return None
+    return (f"'{source}' does not exist; fix: give an HF model directory, a .gguf file, or '{EMBEDDED_NAME}' "
+            "(the embedded Gemma 3 270M)")
+
+
+def _reward_problem(name: str, options: dict) -> str | None:
+    """Why rewards.get(name, **options) would fail, found without building the reward."""
+    from rewards.registry import check_spec
+
+    try:
+        check_spec(name, options)
+    except UserError as e:
+        return str(e)
+    return None
+
+
 class PolicySection(Section):
     algorithm: Literal["bond", "warp", "bond_then_warp"] = Field(
         "bond", description="bond: J-BOND; warp: WARP; bond_then_warp: J-BOND, then WARP from its result")
@@ -292,6 +327,10 @@ class PolicySection(Section):
                                "of the training rewards so reward hacking shows as the two diverging")
     eta_sweep: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 1.0], description="WARP: LITI "
                                    "etas at which the final merge is evaluated (the reward/KL front)")
+    rewards_max_failed_steps: int = Field(
+        3, ge=1, description="reward health: the stage stops with an error when a reward scores no sample of a "
+        "step (every call raised or timed out) for this many consecutive steps, or when no sample of a step "
+        "got a total (all skipped) for as many; the last step checkpoint stays usable")
 
     @model_validator(mode="after")
     def _check(self) -> "PolicySection":
@@ -386,6 +425,35 @@ class Config(Section):
                  ("policy", "prompts", "rows with a prompt and the columns its rewards read", "data.prompts=arithmetic")]
         return [f"stage '{stage}' needs data.{key} ({what}); fix: e.g. {fix}, or drop '{stage}' from stages"
                 for stage, key, what, fix in needs if stage in self.stages and getattr(self.data, key) is None]
+
+    def unresolved(self) -> list[str]:
+        """What the config names and nothing answers to, one line each with the fix: dataset names and
+        files, model sources, reward names and their options. Checked when the config is read, before any
+        weights load (train.py stops; a dry run lists them and exits 2); nothing is loaded or built."""
+        problems = []
+        for key in ("train", "eval", "prompts", "preferences", "eval_preferences"):
+            name = getattr(self.data, key)
+            if name is not None and (problem := _data_problem(str(name))):
+                problems.append(f"data.{key}: {problem}")
+        for role in ("student", "teacher"):
+            spec = getattr(self.model, role)
+            if spec is not None and spec.source is not None and (problem := _source_problem(spec.source)):
+                problems.append(f"model.{role}.source: {problem}")
+        if self.model.tokenizer is not None and (problem := _source_problem(self.model.tokenizer)):
+            problems.append(f"model.tokenizer: {problem}")
+        if "policy" in self.stages:
+            specs = [(f"rewards.{i} ({r.name})", r.name, r.options) for i, r in enumerate(self.rewards)]
+            specs.append(("policy.eval_verifier", self.policy.eval_verifier, {}))
+            for where, name, options in specs:
+                if name == "reward_model" and "path" not in options:
+                    if "warm" not in self.stages and not (self.out_dir / "warm" / "reward_model").exists():
+                        problems.append(f"{where}: reward_model has no options.path and no warm stage produces one; "
+                                        "fix: run the warm stage first (stages=[...,warm,policy]) or give "
+                                        "options: {path: DIR}")
+                    continue
+                if problem := _reward_problem(name, options):
+                    problems.append(f"{where}: {problem}")
+        return problems
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

@@ -22,9 +22,12 @@ deadline and sums them with weights. The rules:
 - **Deadline.** Each reward call runs in its own thread; the caller waits at most `timeout_s`
   for it, then moves on and counts a timeout for every sample of the batch. Rewards run
   concurrently, so a batch costs the slowest reward, not the sum.
-- **Fail closed.** A call that raises, times out, or returns the wrong number of scores (or a
-  NaN, or a non-number) never turns into a silent 0: the samples are counted under
-  `reward/<name>/errors` or `reward/<name>/timeouts`, logged, and handled per `on_error`.
+- **Fail closed.** A call that raises, times out, or scores NaN never turns into a silent 0: the
+  samples are counted under `reward/<name>/errors` or `reward/<name>/timeouts`, logged, and
+  handled per `on_error`; the last failure's message stays in `last_errors[name]`.
+- **A broken contract stops at once.** A return value of the wrong length, or a score that is not a
+  number or None, raises `RewardError` on the first call whatever `on_error` says: it is a bug in
+  the reward, and every later call would fail the same way.
 - **None in the sum.** The total of a sample is the weighted sum of its rewards. A reward with
   no score for a sample (it returned None, it raised, it timed out) decides by its `on_error`:
   `skip` (default) makes the whole sample's total None, so the trainer drops it; `zero` makes
@@ -210,6 +213,7 @@ class CombinedReward:
         self.members = [_Member(key, fn, float(w), float(t), on_error) for key, fn, w, t, on_error in members]
         self.last_metrics: dict[str, float] = {}
         self.last_scores: dict[str, list[float | None]] = {}
+        self.last_errors: dict[str, str] = {}  # reward key -> its latest failure ("ExcType: message")
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> list[float | None]:
         out = self.score(prompts, completions, **columns)
@@ -240,11 +244,12 @@ class CombinedReward:
             if status == "ok":
                 try:
                     scores, nonfinite = _as_scores(res.scores, n)
-                    errors += nonfinite
-                    if nonfinite:
-                        message = f"{nonfinite} score(s) were NaN or infinite"
-                except Exception as e:  # noqa: BLE001 - a malformed return value fails the call, closed
-                    status, message = "error", f"{type(e).__name__}: {e}"
+                except (TypeError, ValueError) as e:  # the reward's contract, not a passing failure
+                    raise RewardError(f"reward '{m.key}' broke the reward contract: {e}; fix: return a list of "
+                                      f"{n} floats (None to skip a sample), one per completion") from None
+                errors += nonfinite
+                if nonfinite:
+                    message = f"{nonfinite} score(s) were NaN or infinite"
             if status == "error":
                 errors += n
             elif status == "timeout":
@@ -254,6 +259,7 @@ class CombinedReward:
                 timeouts += int(res.metrics.get("timeouts", 0))
             if status != "ok" or message:
                 failures.append((m, status, message))
+                self.last_errors[m.key] = message
             if status != "ok" and m.on_error == "raise":
                 raise RewardError(f"reward '{m.key}' failed ({message}) and its on_error is 'raise'")
 

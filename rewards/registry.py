@@ -143,17 +143,28 @@ def get(name: str, **options: Any) -> Callable[..., list]:
         >>> r(["What is 2 + 2?"], ["2 + 2 = 4. Answer: 4"])
         [1.0]
     """
-    obj = resolve(name)
-    if not callable(obj):
-        raise UserError(f"reward '{name}' is a {type(obj).__name__}, not a function or a class")
-    if options:
-        _check_options(name, obj, options)
+    obj = _checked(name, options)
     if inspect.isclass(obj):
         return obj(**options)
     if options:
         bound = functools.partial(obj, **options)
         functools.update_wrapper(bound, obj)
         return bound
+    return obj
+
+
+def check_spec(name: str, options: Mapping[str, Any] | None = None) -> None:
+    """What `get(name, **options)` checks, without building the reward: the name resolves to a function
+    or class, and the options are ones it accepts. A UserError otherwise (the config check at read time)."""
+    _checked(name, options or {})
+
+
+def _checked(name: str, options: Mapping[str, Any]) -> Any:
+    obj = resolve(name)
+    if not callable(obj):
+        raise UserError(f"reward '{name}' is a {type(obj).__name__}, not a function or a class")
+    if options:
+        _check_options(name, obj, options)
     return obj
 
 

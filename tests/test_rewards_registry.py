@@ -228,19 +228,30 @@ def test_raising_reward_is_an_error_and_the_sample_is_skipped(caplog):
 
 
 @pytest.mark.parametrize("bad, errors", [
-    (lambda n: [1.0] * (n - 1), 3),                 # wrong length: the whole call
-    (lambda n: "1.0", 3),                           # not a list
-    (lambda n: [1.0, "x", 1.0], 3),                 # not a number
     (lambda n: [1.0, float("nan"), 1.0], 1),        # NaN: that sample only
     (lambda n: [1.0, float("inf"), None], 1),       # inf: that sample; None: a plain skip
 ])
-def test_malformed_scores_are_errors_not_zeros(bad, errors):
+def test_non_finite_scores_are_errors_not_zeros(bad, errors):
     def reward(prompts, completions, **columns):
         return bad(len(completions))
 
     out = rewards.CombinedReward([("r", reward, 1.0, 5.0, "skip")]).score(P, C)
     assert out.metrics["reward/r/errors"] == errors
     assert 0.0 not in out.total
+
+
+@pytest.mark.parametrize("bad, what", [
+    (lambda n: [1.0] * (n - 1), "got 2 for 3"),     # wrong length
+    (lambda n: "1.0", "got str"),                   # not a list
+    (lambda n: [1.0, "x", 1.0], "got str"),         # not a number
+])
+@pytest.mark.parametrize("on_error", ["skip", "zero"])
+def test_a_broken_contract_raises_on_the_first_call_whatever_on_error(bad, what, on_error):
+    def reward(prompts, completions, **columns):
+        return bad(len(completions))
+
+    with pytest.raises(RewardError, match=f"reward 'r' broke the reward contract: .*{what}.*a list of 3 floats"):
+        rewards.CombinedReward([("r", reward, 1.0, 5.0, on_error)]).score(P, C)
 
 
 def test_weighted_sum_and_none_rule():

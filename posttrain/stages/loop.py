@@ -64,26 +64,28 @@ class StepLoop:
             check_disk(self.name, self.engine, self.cfg)
         bar = progress(total=self.steps, initial=start, desc=self.name)
         last: dict = {}
-        for step in range(start, self.steps):
-            t0 = time.perf_counter()
-            metrics = step_fn(step)
-            metrics.setdefault("step_seconds", time.perf_counter() - t0)
-            done = step + 1
-            if self.evaluate is not None and self.eval_every and done % self.eval_every == 0 and done < self.steps:
-                metrics |= self.evaluate()
-            if done % self.cfg.tracking.log_every == 0 or done == self.steps:
-                self.tracker.log({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=self.step_offset + done)
-            last = metrics
-            bar.update(1)
-            key, fmt = self.postfix
-            if key in metrics:
-                bar.set_postfix({key: format(metrics[key], fmt)})
-            stop = self.engine.stop_requested()
-            if (self.engine.should_save(done) and done < self.steps) or stop:
-                self.engine.save(done, extra=self.state(), rank_state=self.rank_state())
-            if stop:
-                self.engine.preempt(self.name, done, bar.close, self.tracker.finish)
-        bar.close()
+        try:  # an error ends the bar's line first, so the error message starts on a line of its own
+            for step in range(start, self.steps):
+                t0 = time.perf_counter()
+                metrics = step_fn(step)
+                metrics.setdefault("step_seconds", time.perf_counter() - t0)
+                done = step + 1
+                if self.evaluate is not None and self.eval_every and done % self.eval_every == 0 and done < self.steps:
+                    metrics |= self.evaluate()
+                if done % self.cfg.tracking.log_every == 0 or done == self.steps:
+                    self.tracker.log({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=self.step_offset + done)
+                last = metrics
+                bar.update(1)
+                key, fmt = self.postfix
+                if key in metrics:
+                    bar.set_postfix({key: format(metrics[key], fmt)})
+                stop = self.engine.stop_requested()
+                if (self.engine.should_save(done) and done < self.steps) or stop:
+                    self.engine.save(done, extra=self.state(), rank_state=self.rank_state())
+                if stop:
+                    self.engine.preempt(self.name, done, bar.close, self.tracker.finish)
+        finally:
+            bar.close()
         return last
 
 

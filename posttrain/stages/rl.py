@@ -59,13 +59,67 @@ class Prompts:
 
 
 def score(reward, prompts: Prompts, idx: list[int], completions: list[list[str]]):
-    """Rewards (P, n) as a tensor (NaN where a reward skipped the sample) and the reward's metrics."""
+    """Rewards (P, n) as a tensor (NaN where a reward skipped the sample) and the reward's metrics.
+    Every rank calls it together: a reward that stops the run (on_error: raise, a broken contract)
+    on one rank stops every rank with the same error, instead of leaving the others in a collective."""
+    from rewards.base import RewardError
+
     n = len(completions[0])
     flat = [c for row in completions for c in row]
     texts = [prompts.text[i] for i in idx for _ in range(n)]
-    out = reward.score(texts, flat, **prompts.columns(idx, n))
+    try:
+        out, failure = reward.score(texts, flat, **prompts.columns(idx, n)), None
+    except RewardError as e:
+        out, failure = None, str(e)
+    if failure := _first_of_ranks(failure):
+        raise UserError(f"{failure}. The last step checkpoint stays usable (resume=true after the fix)")
     total = torch.tensor([float("nan") if t is None else t for t in out.total]).view(len(idx), n)
     return total, out
+
+
+def _first_of_ranks(message: str | None) -> str | None:
+    """The first rank's message, when any rank has one (every rank calls this)."""
+    if world_size() == 1:
+        return message
+    import torch.distributed as dist
+
+    every: list = [None] * world_size()
+    dist.all_gather_object(every, message)
+    return next((m for m in every if m), None)
+
+
+class RewardHealth:
+    """Stops an RL run that trains on nothing (README, "Rewards: when they fail"): when a reward scored no
+    sample of a step, every call of it having raised or timed out, for policy.rewards_max_failed_steps
+    consecutive steps, or when no sample of as many consecutive steps got a total. Reads a step's metrics
+    averaged over the ranks, so every rank decides the same; the message is the first rank's."""
+
+    def __init__(self, name: str, reward, cfg: Config, samples_per_step: int):
+        self.name, self.reward, self.limit, self.n = name, reward, cfg.policy.rewards_max_failed_steps, samples_per_step
+        self.keys = [m.key for m in reward.members]
+        self.streak = {key: 0 for key in [*self.keys, "total"]}
+
+    def after_step(self, step: int, metrics: dict, engine: Engine) -> None:
+        failed = {key: metrics.get(f"reward/{key}/errors", 0) + metrics.get(f"reward/{key}/timeouts", 0) >= self.n
+                  for key in self.keys}
+        failed["total"] = metrics.get("reward/total/skipped", 0) >= self.n
+        for key, bad in failed.items():
+            self.streak[key] = self.streak[key] + 1 if bad else 0
+        over = [k for k in [*self.keys, "total"] if self.streak[k] >= self.limit]
+        last = _first_of_ranks("; ".join(f"{k}: {self.reward.last_errors[k]}" for k in self.keys
+                                         if k in self.reward.last_errors) or None) if over else None
+        if not over:
+            return
+        first, done = step + 2 - self.limit, step + 1
+        latest = engine.latest()
+        kept = f"the last step checkpoint ({latest}) stays usable" if latest else "no step checkpoint was written yet"
+        key = over[0]
+        what = (f"reward '{key}' scored no sample" if key != "total" else "no sample got a reward total (all skipped)")
+        raise UserError(
+            f"{self.name}: {what} in {self.limit} consecutive steps ({first}-{done}, {self.n} samples each); "
+            f"last error: {last or 'none recorded'}; {kept}; fix: run the reward alone on a few completions "
+            "(rewards.get(name)(prompts, completions, **columns)), raise its timeout_s, or, if failures are "
+            "expected, raise policy.rewards_max_failed_steps")
 
 
 # ----------------------------------------------------------------------------- rollouts and log-probs
@@ -223,13 +277,16 @@ def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prom
     """Steps start..policy.steps of one RL run through the step loop; checkpoints hold the engine,
     the anchor's shards and the evaluation before."""
     p = cfg.policy
+    health = RewardHealth(name, reward, cfg, cfg.data.micro_batch_size * p.samples_per_prompt)
 
     def one_step(step: int) -> dict:
         t0 = time.perf_counter()
         idx = prompts.batch(step, cfg.data.micro_batch_size, derive_seed(cfg.seed, "rl/run", seed_key))
         metrics = step_fn(engine, anchor, prompts, idx, reward, cfg, tok, step_seed(cfg, seed_key, step))
         metrics["step_seconds"] = time.perf_counter() - t0
-        return _mean_over_ranks(metrics)
+        metrics = _mean_over_ranks(metrics)
+        health.after_step(step, metrics, engine)
+        return metrics
 
     loop = StepLoop(name, engine, tracker, cfg, p.steps, prefix=f"{name}/", step_offset=step_offset,
                     eval_every=p.eval_every if held is not None else 0,
@@ -251,5 +308,5 @@ def log_sample_table(name, engine, prompts, reward, cfg, tok, tracker, step) -> 
     tracker.table(f"{name}/samples", ["prompt", "completion", "reward"], rows, step=step)
 
 
-__all__ = ["Prompts", "score", "Rollout", "stop_ids", "rollout", "seq_logprobs", "Anchor", "evaluate", "decode",
+__all__ = ["Prompts", "score", "RewardHealth", "Rollout", "stop_ids", "rollout", "seq_logprobs", "Anchor", "evaluate", "decode",
            "secondary", "keep_scored", "rollout_metrics", "step_seed", "train_loop", "log_sample_table"]
