@@ -4,16 +4,19 @@
     ...
     lock.release()                          # or let the process end: the kernel releases it
 
-The lock is an flock(2) on the file, so it is released by the kernel when its process ends in any
-way, SIGKILL included: a lock left by a killed run is stale by construction and the next run (a
-`resume=true`) takes it over. The file's text names the holder (pid, host, start time) for the
-error message; it is rewritten by each new holder. flock is advisory and local to a machine's
-kernel on most network file systems, so two nodes pointed at one shared run directory are guarded
-only when that file system forwards flock (NFSv4 and Lustre do; check yours).
+The lock is a POSIX record lock (fcntl F_SETLK, Python's lockf) on the file. It belongs to the
+process that took it: the kernel releases it when that process ends in any way, SIGKILL included,
+so a lock left by a killed run is stale by construction and the next run (a `resume=true`) takes
+it over. Unlike flock, it is not inherited by children: a reward's worker process or a sandbox
+that outlives a killed run for a moment cannot keep its directory locked. The file's text names the
+holder (pid, host, start time) for the error message; each new holder rewrites it. The lock is
+advisory; on a network file system it holds across nodes where the file system forwards POSIX
+locks (NFSv3 with lockd, NFSv4 and Lustre do; check yours).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -36,10 +39,13 @@ class RunLock:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             holder = _describe(path)
             os.close(fd)
             raise UserError(f"{run_dir} is in use by another run ({holder}); two runs in one directory would "
@@ -53,7 +59,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = -1
 

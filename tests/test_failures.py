@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from launch import ROOT, train_py
+from launch import ROOT, kill_all, train_py
 
 POLICY = ["recipe=smoke", "stages=[policy]", "policy.eval_size=2", "data.eval_prompts=[]", "tracking.log_every=1"]
 REWARDS = '''
@@ -102,8 +101,7 @@ def test_a_second_run_on_a_held_directory_is_refused_and_a_killed_runs_lock_is_t
     (line,) = errors(second.stderr)
     assert f"is in use by another run (pid {first.pid} on " in line and "name=" in line
     assert first.poll() is None  # the refused run changed nothing for the one holding the directory
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_all(first)
     res = train_py([*args, "resume=true", "policy.steps=3"], timeout=400)  # the stale lock is taken over
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 

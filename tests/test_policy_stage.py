@@ -12,14 +12,12 @@ examples/my_reward.py with a small budget, so rewards differ between samples.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch import train_py
+from launch import kill_all, train_py
 from safetensors.torch import load_file
 
 from posttrain.tracking import offline_history
@@ -61,8 +59,7 @@ def test_bond_two_ranks_zero3_resume_after_sigkill_is_exact(tmp_path):
     deadline = time.monotonic() + 300
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_all(proc)  # torchrun and its ranks, which run in sessions of their own
     assert ckpt.exists(), proc.stdout.read()[-3000:]
     assert not (killed / "smoke" / "policy" / "bond" / "final").exists()
     assert (ckpt / "state_rank0.pt").exists() and (ckpt / "state_rank1.pt").exists()  # the anchor's shards
