@@ -6,8 +6,8 @@
 
 Format differences stay here: the model only knows its own parameter names, which are the
 HF text-model names without the `model.` prefix. Loading is strict: every model tensor must
-be found with the right shape, and every tensor in the file must be used (vision-tower
-tensors of multimodal checkpoints are reported as skipped).
+be found with the right shape, and every tensor in the file must be used. A multimodal
+checkpoint (Gemma3ForConditionalGeneration) loads with its vision tower and projector.
 """
 
 from __future__ import annotations
@@ -31,10 +31,25 @@ log = logging.getLogger(__name__)
 # Key prefixes of the text decoder in the layouts we accept (README, "Using the pieces"):
 # Gemma3ForCausalLM, Gemma3ForConditionalGeneration as on the hub, and as current HF writes it.
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
-# Multimodal parts we do not load yet; reported, not silently dropped.
-SKIPPED_PREFIXES = (
-    "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+# The vision tower and projector in the same layouts -> our names (model.VISION_PREFIXES). The hub
+# files and transformers 4.x keep SigLIP's `vision_model.` level; transformers 5 drops it in memory
+# and in what it saves. Longest prefixes first.
+VISION_RENAMES = (
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("multi_modal_projector.", "multi_modal_projector."),
 )
+# SigLIP's attention-pooling head, present when a config leaves vision_use_head at transformers'
+# default (true): Gemma 3 never uses the pooled output, so its tensors are not loaded.
+UNUSED_VISION_HEAD = ("vision_tower.vision_model.head.", "model.vision_tower.vision_model.head.",
+                      "model.vision_tower.head.", "vision_tower.head.")
+# What we write for a multimodal model: the hub layout, which transformers reads and llama.cpp's
+# converter (gguf's tensor map) knows.
+HUB_LAYOUT = (("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector."),
+              ("", "language_model.model."))
 TIED_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 EMBEDDED_FORMAT_VERSION = "1"
 
@@ -156,9 +171,12 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _text_name(key: str) -> str | None:
-    """Our parameter name for a checkpoint key; None for tensors we skip on purpose."""
-    if key.startswith(SKIPPED_PREFIXES) or key in TIED_HEAD_KEYS:
+    """Our parameter name for a checkpoint key; None for tensors we skip on purpose (the tied head)."""
+    if key in TIED_HEAD_KEYS or key.startswith(UNUSED_VISION_HEAD):
         return None
+    for prefix, ours in VISION_RENAMES:
+        if key.startswith(prefix):
+            return ours + key[len(prefix):]
     for prefix in TEXT_PREFIXES:
         if key.startswith(prefix):
             return key[len(prefix):]
@@ -168,7 +186,6 @@ def _text_name(key: str) -> str | None:
 def _hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
-    skipped = []
     for file in _safetensors_files(path):
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")  # memory-mapped
@@ -178,16 +195,12 @@ def _hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys:
             name = _text_name(key)
             if name is None:
-                skipped.append(key)
                 continue
             try:
                 tensor = handle.get_tensor(key)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise UserError(f"{file}: tensor '{key}' cannot be read ({e}); the file is truncated or corrupt") from e
             yield name, tensor
-    vision = [k for k in skipped if k not in TIED_HEAD_KEYS]
-    if vision:
-        log.warning("%s: skipped %d vision-tower tensors (vision support is not implemented yet)", path, len(vision))
 
 
 # ----------------------------------------------------------------------------- embedded model
@@ -230,7 +243,9 @@ def save_pretrained(
     """Write an HF directory (config.json, safetensors, tokenizer files, chat template).
 
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it as Gemma3ForCausalLM
-    with the same logits. Shards above `max_shard_bytes` with a model.safetensors.index.json.
+    with the same logits; a model with vision is written in the hub's Gemma3ForConditionalGeneration
+    layout (AutoModelForImageTextToText). Shards above `max_shard_bytes` with a
+    model.safetensors.index.json.
 
     dedupe_within: a directory (the run's): the embedding goes to a shard of its own, and a shard
     whose bytes equal a .safetensors file already under that directory becomes a hard link to it
@@ -243,11 +258,11 @@ def save_pretrained(
     state = {}
     for name, p in model.state_dict().items():
         t = p.detach().to("cpu")
-        state[f"model.{name}"] = (t.to(dtype) if dtype is not None else t).contiguous()
-    weight_dtype = next(iter(state.values())).dtype
+        state[hf_key(name, model.config.vision is not None)] = (t.to(dtype) if dtype is not None else t).contiguous()
+    weight_dtype = state[hf_key("embed_tokens.weight", model.config.vision is not None)].dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    embed = "model.embed_tokens.weight"
+    embed = hf_key("embed_tokens.weight", model.config.vision is not None)
     if dedupe_within is not None and embed in state and len(state) > 1:
         shards = [{embed: state[embed]}, {}]
     for key, t in state.items():
@@ -280,6 +295,16 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def hf_key(name: str, multimodal: bool) -> str:
+    """The checkpoint key we write for one of our parameter names."""
+    if not multimodal:
+        return f"model.{name}"
+    for ours, theirs in HUB_LAYOUT:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    raise AssertionError(name)
 
 
 def _digest(path: Path) -> str:

@@ -81,7 +81,7 @@ class ModelSpec(Section):
         if self.arch and self.preset is None:
             raise ValueError("arch changes a preset's architecture and needs preset set; with only a "
                              "source the architecture comes from the checkpoint")
-        fields = {f.name: f for f in dataclasses.fields(GemmaConfig) if f.name != "layer_types"}
+        fields = {f.name: f for f in dataclasses.fields(GemmaConfig) if f.name not in ("layer_types", "vision")}
         for key, value in self.arch.items():
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
@@ -117,6 +117,13 @@ class ModelSection(Section):
         False, description="keep the student's tied embedding (which is also its output head) as loaded in "
         "every trained stage (distill, warm's reward models, policy): no gradient, no Adam state, nothing "
         "to all-reduce for it. On the 270M that is 168M of its 268M parameters")
+    train_vision_tower: bool = Field(
+        False, description="multimodal models: train the SigLIP vision tower too. Off by default, as in the "
+        "Gemma 3 report (section 2.1: the encoder is frozen); the tower then stays bit-identical through "
+        "every stage and the export")
+    train_projector: bool = Field(
+        False, description="multimodal models: train the projector that maps the tower's output into the text "
+        "model (its RMSNorm and its matrix); off: frozen, bit-identical like the tower")
 
 
 class DistributedSection(Section):

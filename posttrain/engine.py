@@ -141,6 +141,16 @@ def _sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def freeze(model: Gemma3, cfg: Config) -> None:
+    """What a trained stage leaves as loaded: the embedding (model.freeze_embeddings), the vision tower
+    and the projector (unless model.train_vision_tower / model.train_projector)."""
+    if cfg.model.freeze_embeddings:
+        model.embed_tokens.weight.requires_grad_(False)
+    if model.is_multimodal:
+        model.vision_tower.requires_grad_(cfg.model.train_vision_tower)
+        model.multi_modal_projector.requires_grad_(cfg.model.train_projector)
+
+
 def dedupe_root(cfg: Config) -> Path | None:
     """Where final models may share files (checkpoint.save_pretrained's dedupe_within): the run directory
     when the embedding stays frozen through every stage, so each stage's copy of it is the same bytes."""
@@ -288,8 +298,8 @@ class Engine(Held):
         self.cfg, self.steps, self.out_dir = cfg, steps, Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         backbone = model if isinstance(model, Gemma3) else getattr(model, "backbone", None)
-        if backbone is not None and cfg.model.freeze_embeddings:
-            backbone.embed_tokens.weight.requires_grad_(False)
+        if backbone is not None:
+            freeze(backbone, cfg)
         if backbone is not None:
             backbone.activation_checkpointing = cfg.distributed.activation_checkpointing
             if cfg.distributed.compile:

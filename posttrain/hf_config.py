@@ -16,6 +16,7 @@ import torch
 
 from .errors import UserError
 from .model import GLOBAL, SLIDING, GemmaConfig
+from .vision import VisionConfig
 
 # transformers' Gemma3TextConfig defaults (the gemma-3-4b shape with a 4096 window).
 HF_TEXT_DEFAULTS: dict[str, Any] = {
@@ -42,6 +43,49 @@ HF_TEXT_DEFAULTS: dict[str, Any] = {
 }
 
 GEMMA3_TYPES = ("gemma3_text", "gemma3")
+
+# transformers' SiglipVisionConfig class defaults, for fields a vision_config leaves out.
+HF_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6, "vision_use_head": True,
+}
+# Gemma3Config's own defaults (the released models' token ids and 256 tokens per image).
+HF_MULTIMODAL_DEFAULTS: dict[str, Any] = {
+    "mm_tokens_per_image": 256, "image_token_index": 262_144, "boi_token_index": 255_999, "eoi_token_index": 256_000,
+}
+
+
+def _vision_config(raw: dict, where: str) -> VisionConfig | None:
+    """The tower and projector of a Gemma3ForConditionalGeneration config; None for a text-only one."""
+    if raw.get("model_type") != "gemma3":
+        return None
+    given = raw.get("vision_config")
+    if given is None:
+        return None
+    if not isinstance(given, dict):
+        raise UserError(f"{where}: 'vision_config' must be an object")
+    vision = {**HF_VISION_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    if vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise UserError(f"{where}: vision_config.model_type is '{vision['model_type']}'; Gemma 3 uses "
+                        "'siglip_vision_model'")
+    if vision["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UserError(f"{where}: vision_config.hidden_act={vision['hidden_act']!r} is not supported; "
+                        "SigLIP in Gemma 3 uses 'gelu_pytorch_tanh'")
+    # vision_use_head: Gemma 3 reads the tower's last hidden states; a pooling head, where a file has
+    # one, is never used (checkpoint.py skips its tensors).
+    top = {**HF_MULTIMODAL_DEFAULTS, **{k: raw[k] for k in HF_MULTIMODAL_DEFAULTS if raw.get(k) is not None}}
+    try:
+        return VisionConfig(
+            hidden_size=int(vision["hidden_size"]), intermediate_size=int(vision["intermediate_size"]),
+            num_layers=int(vision["num_hidden_layers"]), num_heads=int(vision["num_attention_heads"]),
+            num_channels=int(vision["num_channels"]), image_size=int(vision["image_size"]),
+            patch_size=int(vision["patch_size"]), layer_norm_eps=float(vision["layer_norm_eps"]),
+            mm_tokens_per_image=int(top["mm_tokens_per_image"]), image_token_id=int(top["image_token_index"]),
+            boi_token_id=int(top["boi_token_index"]), eoi_token_id=int(top["eoi_token_index"]),
+        )
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from e
 
 
 def _text_config(raw: dict, where: str) -> dict:
@@ -126,14 +170,43 @@ def config_from_hf(raw: dict, where: str = "config.json") -> GemmaConfig:
             rope_global_scaling=scaling,
             rms_norm_eps=float(text["rms_norm_eps"]),
             layer_types=tuple(layer_types),
+            vision=_vision_config(raw, where),
         )
     except ValueError as e:
         raise UserError(f"{where}: {e}") from e
 
 
 def config_to_hf(cfg: GemmaConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """A Gemma3ForCausalLM config.json. Writes the new field form and the old one beside it,
-    so both current and older transformers releases read the same architecture."""
+    """A config.json: Gemma3ForCausalLM, or Gemma3ForConditionalGeneration for a model with vision.
+    Writes the new field form and the old one beside it, so both current and older transformers
+    releases read the same architecture."""
+    text = _text_config_to_hf(cfg, dtype)
+    if cfg.vision is None:
+        return text
+    v = cfg.vision
+    text.pop("architectures")
+    return {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": text,
+        "vision_config": {
+            "model_type": "siglip_vision_model", "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads, "num_channels": v.num_channels, "image_size": v.image_size,
+            "patch_size": v.patch_size, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": v.layer_norm_eps,
+            "attention_dropout": 0.0, "vision_use_head": False,
+        },
+        "mm_tokens_per_image": v.mm_tokens_per_image,
+        "image_token_index": v.image_token_id,
+        "boi_token_index": v.boi_token_id,
+        "eoi_token_index": v.eoi_token_id,
+        "tie_word_embeddings": True,
+        "torch_dtype": text["torch_dtype"],
+        "dtype": text["dtype"],
+    }
+
+
+def _text_config_to_hf(cfg: GemmaConfig, dtype: torch.dtype) -> dict:
     rope_global: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_global_base}
     if cfg.rope_global_scaling != 1.0:
         rope_global = {"rope_type": "linear", "factor": cfg.rope_global_scaling, "rope_theta": cfg.rope_global_base}

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .norm import RMSNorm
+from .vision import Projector, VisionConfig, VisionTower, image_blocks
+
 SLIDING = "sliding_attention"
+# our parameter names of the vision tower and the projector (multimodal models only)
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 GLOBAL = "full_attention"
 
 
@@ -40,6 +45,8 @@ class GemmaConfig:
     # "sliding_attention" or "full_attention" per layer; empty means Gemma 3's pattern,
     # where layer i (0-based) is global iff (i + 1) % 6 == 0.
     layer_types: tuple[str, ...] = field(default=())
+    # The SigLIP tower and projector of a multimodal checkpoint (4B, 12B, 27B); None: a text-only model.
+    vision: VisionConfig | None = None
 
     def __post_init__(self):
         if not self.layer_types:
@@ -77,7 +84,7 @@ class GemmaConfig:
         return {"global": n_global * per_layer, "sliding": (self.num_layers - n_global) * per_layer}
 
 
-# The released Gemma 3 text models (the Gemma 3 report's Tables 1 and 3).
+# The released Gemma 3 models (the Gemma 3 report's Tables 1 and 3); 4B and up see (SigLIP, vision.py).
 PRESETS: dict[str, GemmaConfig] = {
     "270m": GemmaConfig(),
     "1b": GemmaConfig(
@@ -86,32 +93,19 @@ PRESETS: dict[str, GemmaConfig] = {
     "4b": GemmaConfig(
         vocab_size=262_208, hidden_size=2560, intermediate_size=10_240, num_layers=34, num_heads=8,
         num_kv_heads=4, sliding_window=1024, max_position_embeddings=131_072, rope_global_scaling=8.0,
+        vision=VisionConfig(),
     ),
     "12b": GemmaConfig(
         vocab_size=262_208, hidden_size=3840, intermediate_size=15_360, num_layers=48, num_heads=16,
         num_kv_heads=8, sliding_window=1024, max_position_embeddings=131_072, rope_global_scaling=8.0,
+        vision=VisionConfig(),
     ),
     "27b": GemmaConfig(
         vocab_size=262_208, hidden_size=5376, intermediate_size=21_504, num_layers=62, num_heads=32,
         num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168, sliding_window=1024,
-        max_position_embeddings=131_072, rope_global_scaling=8.0,
+        max_position_embeddings=131_072, rope_global_scaling=8.0, vision=VisionConfig(),
     ),
 }
-
-
-class RMSNorm(nn.Module):
-    """Gemma RMSNorm: float32 math, scale (1 + w) with w initialised at zero, cast back at the end."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # (1 + w) is formed in float32 too: in bf16, 1 + small w rounds away the weight.
-        return (xf * (1.0 + self.weight.float())).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: float = 1.0) -> torch.Tensor:
@@ -132,18 +126,24 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor)
 
 def attention_mask(
     q_index: torch.Tensor, k_index: torch.Tensor, window: int | None, segments: torch.Tensor | None,
-    q_segments: torch.Tensor | None = None,
+    q_segments: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
+    q_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean mask (B or 1, 1, Tq, Tk): causal, within `window` (i - W < j <= i), same segment.
+    """Boolean mask (B or 1, 1, Tq, Tk): causal or same image block, within `window`
+    (j > i - W: it limits the past only), same segment.
 
     q_index (Tq,) and k_index (Tk,) are indices into the sequence; segments (B, Tk) ids of the
-    keys and q_segments (B, Tq) of the queries. True means "may attend".
+    keys and q_segments (B, Tq) of the queries; blocks / q_blocks (B, Tk) / (B, Tq) image block ids
+    (vision.image_blocks, -1 for text): the tokens of one image see each other both ways, on
+    global and sliding layers alike, as transformers' Gemma 3 does. True means "may attend".
     """
     diff = q_index[:, None] - k_index[None, :]  # (Tq, Tk)
-    allowed = diff >= 0
+    allowed = (diff >= 0)[None, None]
+    if blocks is not None:
+        same_image = (q_blocks[:, :, None] == blocks[:, None, :]) & (q_blocks[:, :, None] >= 0)  # (B, Tq, Tk)
+        allowed = allowed | same_image[:, None]
     if window is not None:
-        allowed = allowed & (diff < window)
-    allowed = allowed[None, None]
+        allowed = allowed & (diff < window)[None, None]
     if segments is not None:
         same = q_segments[:, :, None] == segments[:, None, :]  # (B, Tq, Tk)
         allowed = allowed & same[:, None]
@@ -156,35 +156,49 @@ ATTENTION_QUERY_BLOCK = 1024
 
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int | None,
-    segments: torch.Tensor | None,
+    segments: torch.Tensor | None, blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Self-attention over a whole sequence. q (B, H, T, D), k/v (B, K, T, D) -> (B, H, T, D).
 
-    Plain causal attention goes to SDPA with is_causal (no mask at all). A sliding window or
-    packed segments need a mask; for long sequences it is built per block of queries, and a
-    sliding block only reads the W - 1 keys before it, so memory stays O(T * block).
+    Plain causal attention goes to SDPA with is_causal (no mask at all). A sliding window, packed
+    segments or image blocks need a mask; for long sequences it is built per block of queries, and a
+    sliding block only reads the W - 1 keys before it (plus the rest of an image its queries are in),
+    so memory stays O(T * block).
     """
     T = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if segments is None and (window is None or T <= window):
+    if segments is None and blocks is None and (window is None or T <= window):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     index = torch.arange(T, device=q.device)
     if T <= ATTENTION_QUERY_BLOCK:
-        mask = attention_mask(index, index, window, segments, segments)
+        mask = attention_mask(index, index, window, segments, segments, blocks, blocks)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    last_of_block = None if blocks is None else _last_of_block(blocks)
     out = []
     for start in range(0, T, ATTENTION_QUERY_BLOCK):
         end = min(start + ATTENTION_QUERY_BLOCK, T)
         k_start = 0 if window is None else max(0, start - window + 1)
-        q_idx, k_idx = index[start:end], index[k_start:end]
-        seg_q = None if segments is None else segments[:, start:end]
-        seg_k = None if segments is None else segments[:, k_start:end]
-        mask = attention_mask(q_idx, k_idx, window, seg_k, seg_q)
+        k_end = end if last_of_block is None else max(end, int(last_of_block[:, start:end].max()) + 1)
+        q_idx, k_idx = index[start:end], index[k_start:k_end]
+        cut = {name: (None if t is None else t[:, start:end], None if t is None else t[:, k_start:k_end])
+               for name, t in (("segments", segments), ("blocks", blocks))}
+        mask = attention_mask(q_idx, k_idx, window, cut["segments"][1], cut["segments"][0],
+                              cut["blocks"][1], cut["blocks"][0])
         out.append(F.scaled_dot_product_attention(
-            q[:, :, start:end], k[:, :, k_start:end], v[:, :, k_start:end],
+            q[:, :, start:end], k[:, :, k_start:k_end], v[:, :, k_start:k_end],
             attn_mask=mask, scale=scale, enable_gqa=gqa,
         ))
     return torch.cat(out, dim=2)
+
+
+def _last_of_block(blocks: torch.Tensor) -> torch.Tensor:
+    """(B, T): for an image token the index of its image's last token, for a text token its own index."""
+    B, T = blocks.shape
+    index = torch.arange(T, device=blocks.device).expand(B, T)
+    # a token is the last of its run when the next token belongs to another block (or the row ends)
+    ends = torch.where(blocks != F.pad(blocks, (0, 1), value=-2)[:, 1:], index, T)
+    # for each position, the first run end at or after it
+    return ends.flip(1).cummin(1).values.flip(1).where(blocks >= 0, index)
 
 
 class Attention(nn.Module):
@@ -218,10 +232,11 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k), positions, self.inv_freq)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None,
+                blocks: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x, positions)
-        y = causal_attention(q, k, v, scale=self.scale, window=self.window, segments=segments)
+        y = causal_attention(q, k, v, scale=self.scale, window=self.window, segments=segments, blocks=blocks)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -248,13 +263,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, segments))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None,
+                blocks: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, segments, blocks))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Gemma3(nn.Module):
-    """Gemma 3 text decoder with the output head tied to the embedding.
+    """Gemma 3 decoder with the output head tied to the embedding; with `config.vision`, also the
+    SigLIP tower and the projector that put images into its input (vision.py).
 
     `hidden_states(ids)` gives the final-normed hidden states (B, T, C) for chunked losses and
     reward heads; `forward(ids)` adds the vocabulary projection, (B, T, V) logits.
@@ -266,7 +283,14 @@ class Gemma3(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.vision is not None:
+            self.vision_tower = VisionTower(cfg.vision)
+            self.multi_modal_projector = Projector(cfg.vision, cfg.hidden_size)
         self.activation_checkpointing = False  # recompute each block in backward to save memory
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.config.vision is not None
 
     def reset_rope(self) -> None:
         """Recompute non-persistent RoPE buffers on the device of the weights (after a meta build)."""
@@ -278,29 +302,68 @@ class Gemma3(nn.Module):
         """Scaled token embeddings. `weight`: look up in this tensor instead of through the embedding
         module (the sampler passes the gathered weight: under ZeRO-3 the module's own forward hook
         would partition it again right after the lookup, under the sampler's feet)."""
+        vision = self.config.vision
+        if vision is not None and vision.image_token_id >= self.config.vocab_size:
+            ids = ids.masked_fill(ids == vision.image_token_id, 0)  # a placeholder row; features replace it
         x = self.embed_tokens(ids) if weight is None else F.embedding(ids, weight)
         # sqrt(C) is rounded to the weight dtype before multiplying, as in the reference
         # implementations: in bf16 the 270M's sqrt(640) = 25.298 becomes 25.25.
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype, device=x.device)
 
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images (or crops) -> (N, S, C) soft tokens, in the order of the image blocks."""
+        if not self.is_multimodal:
+            raise ValueError("pixel_values given to a text-only model; load a Gemma3ForConditionalGeneration "
+                             "checkpoint (4B, 12B, 27B) or set model.vision to add a vision tower")
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed_inputs(self, ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's soft tokens written over its placeholder positions, in order.
+        image_features (N, S, C), precomputed by image_features(), wins over pixel_values."""
+        x = self.embed(ids, weight)
+        if image_features is None and pixel_values is not None:
+            image_features = self.image_features(pixel_values)
+        if image_features is None:
+            return x
+        where = ids == self.config.vision.image_token_id
+        n = int(where.sum())
+        if n != image_features.shape[0] * image_features.shape[1]:
+            raise ValueError(f"the ids hold {n} image tokens but {image_features.shape[0]} images give "
+                             f"{image_features.shape[0]} x {image_features.shape[1]} features; each image "
+                             "(and each Pan & Scan crop) needs exactly one block of mm_tokens_per_image tokens")
+        return x.masked_scatter(where[..., None], image_features.to(x.dtype))
+
     def hidden_states(
         self, ids: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+        *, pixel_values: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids (B, T) -> final-normed hidden states (B, T, C).
 
         positions (B, T): RoPE positions, default 0..T-1 (restart them per packed document).
         segments (B, T): ids of packed documents or padding; tokens attend only within their own
         segment. Default: one segment per row.
+        pixel_values (N, 3, H, W): the images of the batch, in the order their blocks appear
+        (row by row); or image_features (N, S, C), already projected.
+        token_type_ids (B, T): 1 at image tokens, 0 elsewhere (transformers' meaning): the tokens of
+        one image attend to each other both ways. Default with images: taken from the image token id.
         """
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
-        x = self.embed(ids)
+        x = self.embed_inputs(ids, pixel_values=pixel_values, image_features=image_features)
+        blocks = None
+        if self.is_multimodal:
+            if token_type_ids is None and (pixel_values is not None or image_features is not None):
+                token_type_ids = (ids == self.config.vision.image_token_id).long()
+            if token_type_ids is not None and bool(token_type_ids.any()):
+                blocks = image_blocks(token_type_ids)
         for block in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, positions, segments, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, positions, segments, blocks, use_reentrant=False)
             else:
-                x = block(x, positions, segments)
+                x = block(x, positions, segments, blocks)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -309,28 +372,36 @@ class Gemma3(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+        **images,
     ) -> torch.Tensor:
-        return self.logits(self.hidden_states(ids, positions, segments))
+        """(B, T, V) logits; images: pixel_values, token_type_ids or image_features as in hidden_states."""
+        return self.logits(self.hidden_states(ids, positions, segments, **images))
 
 
 def init_weights(model: Gemma3, std: float = 0.02, generator: torch.Generator | None = None) -> Gemma3:
-    """Random init for models trained from scratch or tests: normal(0, std) matrices, zero norms."""
-    for name, p in model.named_parameters():
-        with torch.no_grad():
-            if p.ndim == 1:  # RMSNorm weights: zero means a scale of exactly 1
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=generator)
+    """Random init for models trained from scratch or tests: normal(0, std) matrices, zero RMSNorm
+    weights and biases, LayerNorm scales of one (the vision tower's)."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, nn.LayerNorm) and name == "weight":
+                    p.fill_(1.0)
+                elif p.ndim == 1:  # RMSNorm weights (zero means a scale of exactly 1) and biases
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
     return model
 
 
 def param_counts(cfg: GemmaConfig) -> dict[str, int]:
-    """Parameter counts from a meta-device build (no memory): total, embedding, non_embedding."""
+    """Parameter counts from a meta-device build (no memory): total, embedding, non_embedding (the
+    text decoder's other weights) and vision (the tower and the projector; 0 for text-only models)."""
     with torch.device("meta"):
         model = Gemma3(cfg)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed_tokens.weight.numel()
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+    vision = sum(p.numel() for name, p in model.named_parameters() if name.startswith(VISION_PREFIXES))
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding - vision, "vision": vision}
 
 
 def build_model(cfg: GemmaConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -374,5 +445,5 @@ def prune_layers(model: Gemma3, keep: list[int]) -> Gemma3:
 __all__ = [
     "GemmaConfig", "PRESETS", "Gemma3", "RMSNorm", "build_model", "init_weights", "param_counts", "prune_layers",
     "pruned_config",
-    "SLIDING", "GLOBAL",
+    "SLIDING", "GLOBAL", "VISION_PREFIXES", "VisionConfig",
 ]

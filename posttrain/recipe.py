@@ -61,7 +61,7 @@ def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
         if _is_model(inner):
             keys += all_keys(inner, key + ".")
         elif name == "arch":
-            keys += [f"{key}.{f.name}" for f in dataclasses.fields(GemmaConfig) if f.name != "layer_types"]
+            keys += [f"{key}.{f.name}" for f in dataclasses.fields(GemmaConfig) if f.name not in ("layer_types", "vision")]
     return keys
 
 
