@@ -44,6 +44,7 @@ from .config import Config, ModelSpec
 from .embedded import EMBEDDED_NAME
 from .errors import UserError
 from .model import pruned_config, PRESETS, GemmaConfig, param_counts
+from .vision import param_count
 
 GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -152,11 +153,22 @@ def _shard(cfg: Config, from_stage: int) -> int:
     return cfg.distributed.world_size if cfg.distributed.zero_stage >= from_stage else 1
 
 
+def _trainable(cfg: Config, m: ModelPlan) -> int:
+    """Parameters that get gradients and Adam states: all but what engine.freeze leaves as loaded."""
+    frozen = m.counts["embedding"] if cfg.model.freeze_embeddings else 0
+    if m.arch.vision is not None:
+        projector = param_count(m.arch.vision, m.arch.hidden_size)
+        frozen += 0 if cfg.model.train_vision_tower else projector["tower"]
+        frozen += 0 if cfg.model.train_projector else projector["projector"]
+    return m.counts["total"] - frozen
+
+
 def _trained(cfg: Config, m: ModelPlan) -> dict[str, int]:
-    P = m.counts["total"]
+    P, trainable = m.counts["total"], _trainable(cfg, m)
     w, g, o = (2, 2, 12) if m.dtype == "bfloat16" else (4, 4, 8)
-    opt = 0 if cfg.distributed.offload_optimizer else o * P // _shard(cfg, 1)
-    return {"trained weights": w * P // _shard(cfg, 3), "gradients": g * P // _shard(cfg, 2), "Adam states": opt}
+    opt = 0 if cfg.distributed.offload_optimizer else o * trainable // _shard(cfg, 1)
+    return {"trained weights": w * P // _shard(cfg, 3), "gradients": g * trainable // _shard(cfg, 2),
+            "Adam states": opt}
 
 
 def _frozen(cfg: Config, m: ModelPlan, label: str, dtype: str | None = None) -> dict[str, int]:
@@ -294,11 +306,14 @@ def format_plan(p: Plan) -> str:
                  f"batch {mb} x {T} tokens x grad_accum {cfg.data.grad_accum} x {d.world_size} = "
                  f"{per_step} sequences ({per_step * T:,} tokens) per step")
     lines += ["", "models"]
-    header = f"  {'role':<13}{'params':>10}{'non-emb':>10}{'vocab':>8}{'layers':>7}{'hidden':>7}  {'dtype':<9} source"
+    header = (f"  {'role':<13}{'params':>10}{'non-emb':>10}{'vision':>9}{'vocab':>8}{'layers':>7}{'hidden':>7}  "
+              f"{'dtype':<9} source")
     lines.append(header)
     for m in p.models.values():
+        vision = _params(m.counts["vision"]) if m.counts.get("vision") else "-"
         lines.append(f"  {m.role:<13}{_params(m.counts['total']):>10}{_params(m.counts['non_embedding']):>10}"
-                     f"{m.arch.vocab_size:>8}{m.arch.num_layers:>7}{m.arch.hidden_size:>7}  {m.dtype:<9} {m.origin}")
+                     f"{vision:>9}{m.arch.vocab_size:>8}{m.arch.num_layers:>7}{m.arch.hidden_size:>7}  "
+                     f"{m.dtype:<9} {m.origin}")
     if p.stages:
         names = list(p.stages)
         labels = list(dict.fromkeys(k for s in p.stages.values() for k in s.rows))

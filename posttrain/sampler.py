@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import Gemma3, GemmaConfig, apply_rope
+from .vision import image_blocks
 
 
 class Completion(NamedTuple):
@@ -174,15 +175,18 @@ class Sampler:
         self, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
         top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
         stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
-        on_token: Callable[[int, int], None] | None = None,
+        on_token: Callable[[int, int], None] | None = None, images: Sequence[torch.Tensor | None] | None = None,
     ) -> list[list[Completion]]:
         """Sample n completions per prompt (lists of token ids, <bos> included by the caller).
 
         Returns out[prompt][sample]. stop_token_ids default to <eos> (1) and <end_of_turn> (106);
         pass [] to always generate max_new_tokens. `on_token(row, token)` is called for each new
         token of row `prompt * n + sample` (streaming). A seed makes sampling reproducible.
+        images (multimodal models): per prompt, its pixel values (N_i, 3, H, W) in the order of its
+        image blocks, or None. Each prompt's images are encoded once, whatever n; the image tokens
+        are prefilled attending to their whole image, decoding is causal.
         """
-        self._check(prompts, n, max_new_tokens, temperature, top_k, top_p, min_p)
+        self._check(prompts, n, max_new_tokens, temperature, top_k, top_p, min_p, images)
         stop = torch.tensor(list((1, 106) if stop_token_ids is None else stop_token_ids), dtype=torch.long)
         device = self.model.embed_tokens.weight.device
         stop = stop.to(device)
@@ -198,7 +202,9 @@ class Sampler:
         # 1. prefill each prompt once, copy to its n rows, sample each row's first token
         last_logits = []
         for i, prompt in enumerate(prompts):
-            logits = self._prefill(cache, i * n, prompt, device)
+            pixels = images[i] if images is not None else None
+            features = None if pixels is None else self.model.image_features(pixels.to(device))
+            logits = self._prefill(cache, i * n, prompt, device, features)
             if n > 1:
                 cache.copy_row(i * n, slice(i * n + 1, (i + 1) * n))
             last_logits.append(logits.expand(n, -1))
@@ -240,15 +246,22 @@ class Sampler:
 
     # ------------------------------------------------------------------ internals
 
-    def _check(self, prompts, n, max_new_tokens, temperature, top_k, top_p, min_p) -> None:
+    def _check(self, prompts, n, max_new_tokens, temperature, top_k, top_p, min_p, images) -> None:
         V = self.cfg.vocab_size
+        image_id = self.cfg.vision.image_token_id if self.cfg.vision is not None else None
         if not prompts:
             raise ValueError("generate needs at least one prompt")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts; give one per prompt "
+                             "(None for a prompt without images)")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty; start it with <bos> (id 2)")
-            if min(p) < 0 or max(p) >= V:
+            text = [t for t in p if t != image_id]
+            if text and (min(text) < 0 or max(text) >= V):
                 raise ValueError(f"prompt {i} holds token ids outside [0, {V}) (vocab_size {V})")
+            if image_id is not None and len(text) < len(p) and (images is None or images[i] is None):
+                raise ValueError(f"prompt {i} holds image tokens ({image_id}) but no images were given for it")
         rules = [
             (n >= 1, f"n ({n}) must be at least 1"),
             (max_new_tokens >= 1, f"max_new_tokens ({max_new_tokens}) must be at least 1"),
@@ -301,16 +314,40 @@ class Sampler:
         gated = F.gelu(gate, approximate="tanh") * up
         return x + block.post_feedforward_layernorm(self._linear(mlp.down_proj.weight, x=gated)[0])
 
-    def _prefill(self, cache: KVCache, row: int, prompt: Sequence[int], device) -> torch.Tensor:
-        """Run one prompt into cache row `row`, chunk by chunk; returns the last position's logits (1, V)."""
+    def _chunks(self, blocks: torch.Tensor | None, T: int) -> list[tuple[int, int]]:
+        """Prefill chunks [s, e) of about prefill_chunk tokens; an image block is never split, so its
+        tokens can attend to the whole image within one chunk."""
+        out, s = [], 0
+        while s < T:
+            e = min(s + self.prefill_chunk, T)
+            if blocks is not None and e < T and blocks[e - 1] >= 0:
+                while e < T and blocks[e] == blocks[e - 1]:
+                    e += 1
+            out.append((s, e))
+            s = e
+        return out
+
+    def _prefill(self, cache: KVCache, row: int, prompt: Sequence[int], device,
+                 features: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one prompt into cache row `row`, chunk by chunk; returns the last position's logits (1, V).
+        features (N, S, C): the prompt's projected images, written over its image tokens."""
         ids = torch.tensor(list(prompt), device=device)
         W, ring = self.cfg.sliding_window, cache.ring
-        for s in range(0, ids.shape[0], self.prefill_chunk):
-            e = min(s + self.prefill_chunk, ids.shape[0])
+        blocks = embedded = None
+        if features is not None:
+            blocks = image_blocks((ids == self.cfg.vision.image_token_id).long()[None])[0]  # (T,)
+            embedded = self.model.embed_inputs(ids[None], image_features=features,
+                                               weight=self.model.embed_tokens.weight)[0]  # (T, C)
+        for s, e in self._chunks(blocks, ids.shape[0]):
             qpos = torch.arange(s, e, device=device)
             ring_pos = cache.slot_pos[row]  # (ring,) positions held before this chunk
             keep = qpos[-ring:]  # the chunk positions that stay in the ring afterwards
-            x = self.model.embed(ids[s:e], self.model.embed_tokens.weight)  # (Tc, C)
+            x = self.model.embed(ids[s:e], self.model.embed_tokens.weight) if embedded is None \
+                else embedded[s:e]  # (Tc, C)
+            same_image = None
+            if blocks is not None:  # (Tc, Tc): the chunk's image tokens see their whole image
+                qb = blocks[s:e]
+                same_image = (qb[:, None] == qb[None, :]) & (qb[:, None] >= 0)
             for layer, block in enumerate(self.model.layers):
                 attn = block.self_attn
                 q, k, v = self._qkv(attn, block.input_layernorm(x), qpos[None])  # (1, H|K, Tc, D)
@@ -320,13 +357,18 @@ class Sampler:
                     keys, vals = cache.k[layer][row:row + 1, :, :e], cache.v[layer][row:row + 1, :, :e]
                     kpos = torch.arange(e, device=device)
                     mask = kpos[None, :] <= qpos[:, None]
+                    if same_image is not None:
+                        mask[:, s:] |= same_image
                 else:
                     # Attend to the ring as it was plus the chunk itself; a chunk longer than the
                     # ring would otherwise overwrite keys its own early queries still need.
                     keys = torch.cat([cache.k[layer][row:row + 1], k], dim=2)
                     vals = torch.cat([cache.v[layer][row:row + 1], v], dim=2)
                     kpos = torch.cat([ring_pos, qpos])
-                    mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - W) & (kpos[None, :] >= 0)
+                    seen = kpos[None, :] <= qpos[:, None]
+                    if same_image is not None:
+                        seen[:, ring:] |= same_image
+                    mask = seen & (kpos[None, :] > qpos[:, None] - W) & (kpos[None, :] >= 0)
                     cache.k[layer][row][:, keep % ring] = k[0, :, -len(keep):]  # (K, n, D)
                     cache.v[layer][row][:, keep % ring] = v[0, :, -len(keep):]
                 y = _attend(q, keys, vals, mask[None, None], attn.scale)  # (1, H, Tc, D)
