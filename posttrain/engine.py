@@ -271,6 +271,16 @@ class Held:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield self.model
 
+    def _release_weights(self) -> None:
+        """Drop the module's tensors (after the DeepSpeed engine is destroyed): the module is unusable after."""
+        for param in self.wrapped.parameters():
+            param.grad = None
+            param.data = torch.empty(0, dtype=param.dtype)
+            if _sharded(param):
+                param.ds_tensor = torch.empty(0, dtype=param.dtype)
+        self.engine = None
+        gc.collect()
+
     def export_final(self, tok, path: Path, summary: dict) -> None:
         """The model as an HF directory at `path` and the stage's summary beside it
         (path.parent / summary.json), written by rank 0 from the gathered weights. With a frozen
@@ -463,13 +473,8 @@ class Engine(Held):
                         setattr(obj, key, [])
                     elif isinstance(value, dict) and key == "state":
                         value.clear()
-            for param in self.wrapped.parameters():
-                param.grad = None
-                param.data = torch.empty(0, dtype=param.dtype)
-                if _sharded(param):
-                    param.ds_tensor = torch.empty(0, dtype=param.dtype)
-            self.engine = self.optimizer = self.scheduler = None
-            gc.collect()
+            self.optimizer = self.scheduler = None
+            self._release_weights()
 
 
 def threading_main() -> bool:
@@ -513,12 +518,7 @@ class Frozen(Held):
         """Let go of the weights (DeepSpeed's hooks keep them alive otherwise)."""
         if self.engine is not None:
             self.engine.destroy()
-        for param in self.wrapped.parameters():
-            param.data = torch.empty(0, dtype=param.dtype)
-            if _sharded(param):
-                param.ds_tensor = torch.empty(0, dtype=param.dtype)
-        self.engine = None
-        gc.collect()
+        self._release_weights()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -120,7 +120,7 @@ def test_finished_stage_says_so_and_a_half_written_checkpoint_is_ignored(straigh
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_4", "step_6"]  # keep: 2
     (ckpts / "step_8.partial").mkdir()  # a save killed half-way: never named by `latest`
     res = train(straight, "resume=true")
-    assert f"already finished: its checkpoint is at step {STEPS} of {STEPS}" in res.stdout
+    assert f"already finished: it trained step {STEPS} of {STEPS}" in res.stdout
     res = train(straight, "resume=true", "distill.steps=8")  # continues from step_6, not the partial one
     assert sorted(losses(straight)) == list(range(1, 9))
     assert (ckpts / "latest").read_text() == "step_8"

@@ -96,7 +96,7 @@ def test_a_finished_run_skips_its_stages_and_more_steps_say_why_they_cannot_run(
     res = train(tmp_path, overrides)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     res = train(tmp_path, overrides, "resume=true")
-    assert res.returncode == 0 and "J-BOND already finished: its checkpoint is at step 4 of 4" in res.stdout
+    assert res.returncode == 0 and "J-BOND already finished: it trained step 4 of 4" in res.stdout
     res = train(tmp_path, overrides, "resume=true", "policy.steps=6")
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "J-BOND finished at step 4 and its step checkpoints were deleted" in res.stderr

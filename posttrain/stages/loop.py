@@ -107,7 +107,7 @@ def finished(cfg: Config, out_dir: Path, steps: int, name: str) -> dict | None:
     done = json.loads(marker.read_text())
     if done["steps"] >= steps:
         if rank() == 0:
-            print(f"{name} already finished: its checkpoint is at step {done['steps']} of {steps} ({marker}); "
+            print(f"{name} already finished: it trained step {done['steps']} of {steps} ({marker}); "
                   f"nothing to do. To train more, raise its steps (with checkpoint.keep_optimizer=true); to start "
                   f"over, delete {out_dir}")
         return done["summary"]
