@@ -1,7 +1,8 @@
-"""Text-only post-training of a multimodal checkpoint keeps its eyes.
+"""The smoke recipe end to end, in one process; its student is multimodal, and text-only
+post-training keeps its eyes.
 
-A tiny Gemma3ForConditionalGeneration student goes through distill, J-BOND and the export with text
-data (train.py, real processes, ZeRO-3 as the smoke recipe has it): the text weights change, while the
+A tiny Gemma3ForConditionalGeneration student goes through the smoke recipe (distill, WARM, J-BOND then
+WARP, export) with text data (train.py, real processes, ZeRO-3 as the smoke recipe has it): the text weights change, while the
 vision tower and the projector come out bit-identical, and the export still loads in transformers
 as Gemma3ForConditionalGeneration with no missing or unexpected keys.
 """
@@ -34,13 +35,16 @@ def student_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_text_only_training_keeps_the_vision_tower_bit_identical(tmp_path):
+def test_smoke_recipe_keeps_a_multimodal_students_vision_tower_bit_identical(tmp_path):
     source, model = student_dir(tmp_path)
     run = tmp_path / "run"
-    res = train_py(["recipe=smoke", "stages=[distill,policy,export]", f"model.student.source={source}",
-                    "model.student.preset=null", "policy.algorithm=bond", "policy.eval_size=2", f"run_dir={run}",
+    res = train_py(["recipe=smoke", f"model.student.source={source}", "model.student.preset=null",
+                    "model.student.arch={}", f"run_dir={run}",
                     f"export.dir={tmp_path / 'export'}", "export.dtype=float32"], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "student: 17.0M parameters" in res.stdout and "'What is 2 + 3?' ->" in res.stdout
+    assert (tmp_path / "export" / "tokenizer.model").exists()
+    assert posttrain.read_config(tmp_path / "export").hidden_size == 64
     before = model.state_dict()
     for stage_final in (run / "smoke" / "distill" / "final", tmp_path / "export"):
         after = posttrain.load_model(stage_final).state_dict()
