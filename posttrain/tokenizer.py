@@ -74,6 +74,25 @@ GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
 # control token only if the vocabulary says so (cheaper than a 6,000-way alternation regex).
 _CONTROL_SHAPE = re.compile(r"<[^<>]+>")
 
+# Images in the chat (the Gemma 3 report, section 2.1; transformers' Gemma3Processor): an image part renders
+# as <start_of_image>, which the processor expands to "\n\n<start_of_image>" + 256 x <image_soft_token> +
+# "<end_of_image>\n\n". The 262,144-piece vocabulary has no soft token: its id is the first one past it.
+BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID = 255_999, 256_000, 262_144
+
+
+def image_text(crops: int, tokens_per_image: int = 256) -> str:
+    """What one image placeholder becomes; with Pan & Scan crops, the original image and then its crops.
+
+    This is transformers' string expansion: tokenised with the turn, the user header's "\n" and the
+    "\n\n" before <start_of_image> merge into one "\n\n\n" token (109). Google's own stacks insert
+    tokens instead ("\n" 107, then "\n\n" 108); we follow transformers, which parity tests check."""
+    one = f"\n\n{BOI}{SOFT * tokens_per_image}{EOI}\n\n"
+    if not crops:
+        return one
+    return (f"Here is the original image {one} and here are some crops to help you see better "
+            + " ".join([one] * crops))
+
 
 class ChatEncoding(NamedTuple):
     """A tokenized conversation. `loss_mask[i]` is True where the SFT loss covers `ids[i]`."""
@@ -168,29 +187,60 @@ class Tokenizer:
         text = "<bos>" + "".join(f"<start_of_turn>{r}\n{t}<end_of_turn>\n" for r, t in _turns(messages))
         return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> ChatEncoding:
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, *,
+                            image_crops: Sequence[int] | None = None,
+                            tokens_per_image: int = 256) -> ChatEncoding:
         """Token ids of the Gemma 3 chat format, and the SFT loss mask.
 
         The mask covers each model reply and its `<end_of_turn>` (the token that teaches the model to
         stop), not the `model\\n` header and not the "\\n" after `<end_of_turn>`: generation stops at
         `<end_of_turn>`, so that newline is template glue the model never has to produce.
         Content is encoded as plain text: a literal "<end_of_turn>" in a message stays text.
+
+        image_crops: the Pan & Scan crop count of each image part, in order (0: none); each part then
+        becomes its block of `tokens_per_image` image tokens (image_text). None: image parts stay the
+        single <start_of_image> token the template renders. Images belong in user turns.
         """
         ids, mask = [self.bos_id], [False]
+        placeholders = 0
         for role, text in _turns(messages):
             # Header and content are one segment, as transformers tokenizes the rendered text. A reply is
             # stripped and "\n" is a user-defined piece that never merges, so "model\n" is its own prefix.
-            body = self._sp.encode(f"{role}\n{text}")
+            if image_crops is not None and BOI in text:
+                if role == "model":
+                    raise UserError("an image part is in an assistant turn; images belong in user turns "
+                                    "(fix: move the image into the user message before it)")
+                parts = text.split(BOI)
+                if placeholders + len(parts) - 1 > len(image_crops):
+                    raise UserError(f"the messages hold more image parts than the {len(image_crops)} images given "
+                                    "(fix: give one image per {\"type\": \"image\"} part)")
+                text = parts[0] + "".join(image_text(image_crops[placeholders + k], tokens_per_image) + rest
+                                          for k, rest in enumerate(parts[1:]))
+                placeholders += len(parts) - 1
+            body = self._encode_images(f"{role}\n{text}")
             head = self._sp.encode(f"{role}\n") if role == "model" else body
             assert body[: len(head)] == head, f"header {head} is not a prefix of {body[:len(head)]}"
             ids += [self.start_of_turn_id, *body, self.end_of_turn_id, *self._newline]
             train = role == "model"  # the reply's tokens and its <end_of_turn>
             mask += [False] * (1 + len(head)) + [train] * (len(body) - len(head) + 1) + [False] * len(self._newline)
+        if image_crops is not None and placeholders != len(image_crops):
+            raise UserError(f"{len(image_crops)} images were given but the messages hold {placeholders} image parts "
+                            "(fix: one {\"type\": \"image\"} part per image, in order)")
         if add_generation_prompt:
             gen = [self.start_of_turn_id, *self._sp.encode("model\n")]
             ids += gen
             mask += [False] * len(gen)
         return ChatEncoding(ids, mask)
+
+    def _encode_images(self, text: str) -> list[int]:
+        """sentencepiece ids of `text`, with every <image_soft_token> as IMAGE_TOKEN_ID (transformers splits
+        the text at that added token the same way)."""
+        if SOFT not in text:
+            return self._sp.encode(text)
+        out: list[int] = []
+        for k, part in enumerate(text.split(SOFT)):
+            out += ([IMAGE_TOKEN_ID] if k else []) + (self._sp.encode(part) if part else [])
+        return out
 
     # ----- files -----
 
@@ -224,15 +274,18 @@ class Tokenizer:
 
 
 def _content_text(content: Any, index: int, strip: bool) -> str:
-    """A message's text: a string, or the text parts of HF's `[{"type": "text", "text": ...}]` form."""
+    """A message's text: a string, or HF's parts `[{"type": "text", "text": ...}, {"type": "image"}]`."""
     if isinstance(content, str):
         return content.strip() if strip else content
     if isinstance(content, list):
         texts = []
         for part in content:
+            if isinstance(part, dict) and part.get("type") == "image":
+                texts.append(BOI)  # as the official template renders it; apply_chat_template expands it
+                continue
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise UserError(f"messages[{index}].content: part {part!r} is not a text part; only "
-                                '{"type": "text", "text": ...} parts are supported (fix: drop images/other parts)')
+                raise UserError(f"messages[{index}].content: part {part!r} is neither a text nor an image part; "
+                                'parts are {"type": "text", "text": ...} or {"type": "image"} (fix: drop other parts)')
             texts.append(part["text"].strip() if strip else part["text"])
         return "".join(texts)
     raise UserError(f"messages[{index}].content must be a string or a list of text parts, "

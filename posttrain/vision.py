@@ -23,10 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norm import RMSNorm
-
-IMAGE_TOKEN_ID = 262_144  # <image_soft_token>: the placeholder the projector's vectors replace
-BOI_TOKEN_ID = 255_999  # <start_of_image>
-EOI_TOKEN_ID = 256_000  # <end_of_image>
+# <image_soft_token> (the placeholder the projector's vectors replace), <start_of_image>, <end_of_image>
+from .tokenizer import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,7 @@ def test_chat_content_forms_and_injection(tok):
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], r"messages\[1\].*only allowed as the"),
     ([{"role": "user", "content": "a"}, {"role": "tool", "content": "t"}], r"messages\[1\].*unknown role 'tool'"),
     ([{"role": "user", "content": 5}], r"messages\[0\]\.content must be a string"),
-    ([{"role": "user", "content": [{"type": "image"}]}], r"messages\[0\]\.content.*not a text part"),
+    ([{"role": "user", "content": [{"type": "audio"}]}], r"messages\[0\]\.content.*neither a text nor an image part"),
     ([{"role": "user"}], r"messages\[0\] must be a dict with 'role' and 'content'"),
 ])
 def test_chat_errors(tok, messages, match):
