@@ -190,6 +190,9 @@ class DataSection(Section):
                           "within each example); false = one example per row, padded to the batch's longest")
     truncation: Literal["drop", "truncate"] = Field("drop", description="examples longer than max_seq_len: "
                                                     "drop them, or keep their first max_seq_len tokens")
+    pan_and_scan: bool = Field(False, description="multimodal models: cut images whose aspect ratio is at "
+                               "least 1.2 into 2-4 crops, each read as one more image after the original "
+                               "(the Gemma 3 report's Pan & Scan; 256 more tokens per crop)")
 
 
 class DistillSection(Section):

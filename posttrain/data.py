@@ -21,12 +21,15 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import urlparse
 
 from .errors import UserError
 from .loader import IGNORE, Batch, DataLoader, DataLoaderState, collate, epoch_order, pack  # noqa: F401 (re-export)
-from .tokenizer import Tokenizer, _turns as chat_turns
+from .tokenizer import IMAGE_TOKEN_ID, Tokenizer, _turns as chat_turns
+
+if TYPE_CHECKING:
+    from .images import ImageConfig
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +269,12 @@ def to_messages(row: dict, with_reply: bool = True) -> list[dict]:
 
 
 class Example(NamedTuple):
-    """One tokenized row. loss_mask[i]: ids[i] is a training target (model replies and their <end_of_turn>)."""
+    """One tokenized row. loss_mask[i]: ids[i] is a training target (model replies and their <end_of_turn>).
+    pixel_values (N, 3, H, W): the row's images and crops in the order of their blocks; None without images."""
 
     ids: list[int]
     loss_mask: list[bool]
+    pixel_values: Any = None
 
 
 class Examples(list):
@@ -287,9 +292,17 @@ class Examples(list):
                 f"{self.truncated} truncated")
 
 
+def has_images(row: dict) -> bool:
+    """Whether a row carries images (an images/image column, or image parts in its messages)."""
+    from .images import image_parts
+
+    return bool(row.get("images") or row.get("image") is not None or image_parts(row.get("messages") or []))
+
+
 def tokenize_rows(rows: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int,
                   truncation: Literal["drop", "truncate"] = "drop", require_reply: bool = True,
-                  teacher: Callable[[dict], list[dict]] | None = None, key: str = "max_seq_len") -> Examples:
+                  teacher: Callable[[dict], list[dict]] | None = None, key: str = "max_seq_len",
+                  images: ImageConfig | None = None) -> Examples:
     """Validate, then tokenize with the chat template; rows longer than max_seq_len are handled by `truncation`.
 
     drop: the row is skipped. truncate: its first max_seq_len tokens are kept, and it is still
@@ -300,6 +313,9 @@ def tokenize_rows(rows: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int,
     prompt). Those examples go to `.paired`, one per kept example; each ends with the same reply tokens,
     so their loss positions pair up in order, and a truncated row loses as many tokens on both sides.
     key: the name of max_seq_len in messages (the config key, e.g. data.max_seq_len).
+    images: how a multimodal model reads images (images.ImageConfig); rows with images then get their
+    pixel values and their image blocks (images.encode_chat). None: a row with images is an error. A
+    row whose cut would fall inside or before an image is dropped, whatever `truncation` says.
     """
     if truncation not in ("drop", "truncate"):
         raise UserError(f"truncation must be 'drop' or 'truncate', got {truncation!r}")
@@ -308,14 +324,30 @@ def tokenize_rows(rows: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int,
     out.rows = len(rows)
     out.paired = [] if teacher is not None else None
     for i, row in enumerate(rows):
-        ids, mask = tokenizer.apply_chat_template(to_messages(row, require_reply),
-                                                add_generation_prompt=not require_reply)
-        ids, mask = list(ids), list(mask)
-        if teacher is not None:
-            t = tokenizer.apply_chat_template(teacher(row), add_generation_prompt=not require_reply)
-            t_ids, t_mask = list(t.ids), list(t.loss_mask)
+        pixels = None
+        if has_images(row):
+            from .images import encode_chat, row_images
+
+            if images is None:
+                raise UserError(f"{origin(rows, i)}: the row has images but the model is text-only; fix: use a "
+                                "multimodal model (Gemma 3 4B, 12B, 27B, or model.vision), or drop the images")
+            loaded = row_images(row, origin(rows, i))
+            enc = encode_chat(tokenizer, to_messages(row, require_reply), loaded, images,
+                              add_generation_prompt=not require_reply)
+            ids, mask, pixels = list(enc.ids), list(enc.loss_mask), enc.pixel_values
+            if teacher is not None:
+                t = encode_chat(tokenizer, teacher(row), loaded, images, add_generation_prompt=not require_reply)
+                t_ids, t_mask = list(t.ids), list(t.loss_mask)
+        else:
+            ids, mask = tokenizer.apply_chat_template(to_messages(row, require_reply),
+                                                    add_generation_prompt=not require_reply)
+            ids, mask = list(ids), list(mask)
+            if teacher is not None:
+                t = tokenizer.apply_chat_template(teacher(row), add_generation_prompt=not require_reply)
+                t_ids, t_mask = list(t.ids), list(t.loss_mask)
         if len(ids) > max_seq_len:
-            if truncation == "drop" or (require_reply and not any(mask[:max_seq_len])):
+            cuts_an_image = pixels is not None and IMAGE_TOKEN_ID in ids[max_seq_len - 1:]
+            if truncation == "drop" or cuts_an_image or (require_reply and not any(mask[:max_seq_len])):
                 out.dropped += 1
                 continue
             cut = len(ids) - max_seq_len
@@ -323,12 +355,12 @@ def tokenize_rows(rows: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int,
             if teacher is not None:
                 t_ids, t_mask = t_ids[:-cut], t_mask[:-cut]
             out.truncated += 1
-        out.append(Example(ids, mask))
+        out.append(Example(ids, mask, pixels))
         if teacher is not None:
             if sum(mask) != sum(t_mask):
                 raise UserError(f"row {i}: the teacher's view has another reply than the student's; fix: let the teacher's "
                                 "messages differ only before the reply")
-            out.paired.append(Example(t_ids, t_mask))
+            out.paired.append(Example(t_ids, t_mask, pixels))
     if not out:
         raise UserError(f"all {len(rows)} rows are longer than {key}={max_seq_len} tokens "
                         f"(fix: raise {key}, or truncate instead of dropping)")

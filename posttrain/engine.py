@@ -125,9 +125,10 @@ class WithHead(nn.Module):
         self.model, self.autocast = model, autocast
 
     def forward(self, fn: Callable, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None):
+                segments: torch.Tensor | None = None, **images):
+        """images: pixel_values / token_type_ids / image_features, as Gemma3.hidden_states takes them."""
         with torch.autocast(ids.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            h = self.model.hidden_states(ids, positions=positions, segments=segments)
+            h = self.model.hidden_states(ids, positions=positions, segments=segments, **images)
             return fn(h, self.model.embed_tokens.weight)
 
 

@@ -43,6 +43,14 @@ class ImageConfig:
     tokens_per_image: int = 256  # the model's mm_tokens_per_image
 
 
+def image_config(model_cfg, pan_and_scan: bool = False) -> ImageConfig | None:
+    """How a model reads images (its tower's image size and tokens per image); None for a text-only model."""
+    vision = getattr(model_cfg, "vision", None)
+    if vision is None:
+        return None
+    return ImageConfig(size=vision.image_size, tokens_per_image=vision.mm_tokens_per_image, pan_and_scan=pan_and_scan)
+
+
 def load_image(source: Any, where: str):
     """A PIL image in RGB from a path, bytes, a PIL image, or a `datasets` Image value ({"bytes", "path"})."""
     from PIL import Image, UnidentifiedImageError
@@ -176,5 +184,5 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], images: Sequence
     return ImageChat(list(enc.ids), mask, types, pixels, crops)
 
 
-__all__ = ["ImageChat", "ImageConfig", "encode_chat", "image_parts", "load_image", "pan_and_scan_crops",
+__all__ = ["ImageChat", "ImageConfig", "encode_chat", "image_config", "image_parts", "load_image", "pan_and_scan_crops",
            "pixel_values", "preprocess", "row_images"]

@@ -45,6 +45,8 @@ class Batch(NamedTuple):
     positions: RoPE positions, restarting at 0 for each document (and for the padding run).
     segments: document number 1, 2, ... within the row, 0 for padding; attention stays within a segment.
     index: the example indices packed in each row, in segment order (e.g. to find cached teacher targets).
+    pixel_values: (N, 3, H, W) the images of the batch's examples, row by row, in the order of their image
+        blocks (what the model's forward takes); None when no example has images.
     """
 
     ids: torch.Tensor
@@ -53,11 +55,19 @@ class Batch(NamedTuple):
     positions: torch.Tensor
     segments: torch.Tensor
     index: list[list[int]]
+    pixel_values: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> "Batch":
         moved = {k: getattr(self, k).to(device, non_blocking=True)
                  for k in ("ids", "targets", "loss_mask", "positions", "segments")}
+        if self.pixel_values is not None:
+            moved["pixel_values"] = self.pixel_values.to(device, non_blocking=True)
         return self._replace(**moved)
+
+    @property
+    def images(self) -> dict:
+        """The model's image keyword arguments for this batch ({} without images)."""
+        return {} if self.pixel_values is None else {"pixel_values": self.pixel_values}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -95,10 +105,13 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 def collate(examples: Sequence[ExampleLike], rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> Batch:
     """Lay out rows of examples (lists of example indices) as a Batch of width seq_len."""
     cols: dict[str, list[list[int]]] = {"ids": [], "targets": [], "positions": [], "segments": []}
+    pixels = []
     for row in rows:
         ids, targets, positions, segments = [], [], [], []
         for segment, i in enumerate(row, 1):
-            x, mask = examples[i]
+            x, mask = examples[i][0], examples[i][1]
+            if (p := getattr(examples[i], "pixel_values", None)) is not None:
+                pixels.append(p)
             ids += x
             # Position t predicts x[t + 1]; the last one has nothing in its own document to predict.
             targets += [t if keep else IGNORE for t, keep in zip(x[1:], mask[1:])] + [IGNORE]
@@ -114,7 +127,7 @@ def collate(examples: Sequence[ExampleLike], rows: Sequence[Sequence[int]], seq_
             cols[k].append(v)
     t = {k: torch.tensor(v, dtype=torch.long).reshape(len(rows), seq_len) for k, v in cols.items()}
     return Batch(t["ids"], t["targets"], t["targets"] != IGNORE, t["positions"], t["segments"],
-                 [list(r) for r in rows])
+                 [list(r) for r in rows], torch.cat(pixels) if pixels else None)
 
 
 class DataLoaderState(NamedTuple):

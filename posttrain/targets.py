@@ -99,7 +99,7 @@ class TargetCache:
                                                chunk_tokens=cfg.data.loss_chunk_tokens, **kw))
                 return out
 
-            for i, (tid, tval) in zip(group, teacher(head, batch.ids, batch.positions, batch.segments)):
+            for i, (tid, tval) in zip(group, teacher(head, batch.ids, batch.positions, batch.segments, **batch.images)):
                 probs = tval.float().exp() if topk else tval.float()
                 index[i] = (f"shard_{rank()}_{shard}", rows_in_shard, tid.shape[0])
                 ids_buf.append(tid.int().cpu())

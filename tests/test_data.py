@@ -177,7 +177,7 @@ def test_loss_mask_covers_exactly_the_model_replies(tok):
     assert tok.decode(b.targets[b.loss_mask].tolist()) == "Hello! How can I help?<end_of_turn>It is 4.<end_of_turn>"
     # prompt/response rows are the same conversation.
     (pr,) = tokenize_rows([{"prompt": "Hi", "response": "Hello", "system": "S"}], tok, 256)
-    assert pr == tuple(tok.apply_chat_template(chat("Hi", "Hello", system="S")["messages"]))
+    assert pr[:2] == tuple(tok.apply_chat_template(chat("Hi", "Hello", system="S")["messages"]))
     # Prompt sets end with the generation prompt and train nothing.
     p, q = tokenize_rows([{"prompt": "Hi"}, {"prompt": "Hi", "response": "a reference"}], tok, 256,
                          require_reply=False)

@@ -60,3 +60,59 @@ def test_smoke_recipe_keeps_a_multimodal_students_vision_tower_bit_identical(tmp
     _, info = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "export",
                                                                           output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def image_rows(tmp_path, n):
+    """Rows in TRL's vision format: a coloured square, the question, its colour as the reply."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    rows = []
+    for i in range(n):
+        name = list(colours)[i % 4]
+        path = tmp_path / f"img{i}.png"
+        Image.new("RGB", (40 + i, 30), colours[name]).save(path)
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                                  {"role": "assistant", "content": name}], "images": [str(path)]})
+    return rows
+
+
+@pytest.mark.slow
+def test_distill_with_image_rows_shows_the_teacher_the_same_pixels(tmp_path):
+    """Teacher = student at the start: the held-out KL is zero only if the teacher reads the same images.
+    The projector trains (model.train_projector), the tower stays as loaded."""
+    import json
+
+    source, model = student_dir(tmp_path)
+    data = tmp_path / "images.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in image_rows(tmp_path, 8)))
+    run = tmp_path / "run"
+    res = train_py(["recipe=smoke", "stages=[distill]", f"model.student.source={source}", "model.student.preset=null",
+                    "model.student.arch={}", f"model.teacher.source={source}", "model.teacher.preset=null",
+                    "model.teacher.arch={}", f"data.train={data}", f"data.eval={data}", "model.train_projector=true",
+                    "distill.steps=2", "data.max_seq_len=64", f"run_dir={run}"], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((run / "smoke" / "distill" / "summary.json").read_text())
+    assert summary["before"]["eval/kl"] == pytest.approx(0.0, abs=1e-5), summary["before"]
+    assert summary["before"]["eval/top1"] == 1.0
+    after = posttrain.load_model(run / "smoke" / "distill" / "final").state_dict()
+    before = model.state_dict()
+    assert not torch.equal(after["multi_modal_projector.mm_input_projection_weight"],
+                           before["multi_modal_projector.mm_input_projection_weight"])
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("vision_tower."))
+
+
+def test_image_rows_need_a_multimodal_model(tmp_path):
+    from posttrain.data import tokenize_rows
+    from posttrain.errors import UserError
+    from posttrain.images import ImageConfig
+    from posttrain.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("gemma3-270m")
+    rows = image_rows(tmp_path, 2)
+    with pytest.raises(UserError, match="text-only"):
+        tokenize_rows(rows, tok, 64)
+    out = tokenize_rows(rows, tok, 64, images=ImageConfig(size=28, tokens_per_image=4))
+    assert out[0].pixel_values.shape == (1, 3, 28, 28) and out[0].ids.count(262_144) == 4
+    with pytest.raises(UserError, match="longer than"):  # a cut inside an image drops the row, even truncating
+        tokenize_rows(rows, tok, 8, truncation="truncate", images=ImageConfig(size=28, tokens_per_image=4))

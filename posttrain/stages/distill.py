@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import Example, load_rows, to_messages, tokenize_rows
+from ..data import Example, has_images, load_rows, to_messages, tokenize_rows
 from ..engine import Engine, Frozen, all_sum, rank, world_size
 from ..errors import UserError
+from ..images import image_config
 from ..loader import Batch, DataLoader, collate
 from ..losses import chunked_sampled_distillation, chunked_topk_kl, distill_metrics, teacher_targets
 from ..model import Gemma3
@@ -67,10 +68,12 @@ def read_context(value: str | None) -> str | None:
 
 
 def paired_examples(rows: list[dict], tok, max_seq_len: int, context: str | None, truncation: str = "drop",
-                    with_reply: bool = True) -> tuple[list[Example], list[Example]]:
-    """Student and teacher examples of the same rows (data.tokenize_rows with the teacher's view)."""
+                    with_reply: bool = True, images=None) -> tuple[list[Example], list[Example]]:
+    """Student and teacher examples of the same rows (data.tokenize_rows with the teacher's view); with
+    images (images.ImageConfig), teacher and student examples hold the same pixels."""
     students = tokenize_rows(rows, tok, max_seq_len, truncation, require_reply=with_reply,
-                             teacher=lambda row: teacher_messages(row, context, with_reply), key="data.max_seq_len")
+                             teacher=lambda row: teacher_messages(row, context, with_reply), key="data.max_seq_len",
+                             images=images)
     if students.dropped and rank() == 0:
         print(f"distill: dropped {students.dropped} of {len(rows)} rows longer than data.max_seq_len={max_seq_len}")
     return students, students.paired
@@ -105,7 +108,7 @@ def targets_for(teacher: Frozen, batch: Batch, cfg: Config, generator: torch.Gen
         return teacher_targets(h[batch.loss_mask], w, k=min(k, w.shape[0]), method=method,
                                chunk_tokens=cfg.data.loss_chunk_tokens, **kwargs)
 
-    return teacher(head, batch.ids, batch.positions, batch.segments)
+    return teacher(head, batch.ids, batch.positions, batch.segments, **batch.images)
 
 
 def with_labels(ids: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, weight: float):
@@ -144,9 +147,9 @@ def evaluate(student_call, teacher: Frozen, s_batches: list[Batch], t_batches: l
         def inner(hs, ws):
             return teacher(lambda ht, wt: distill_metrics(hs[sb.loss_mask], ws, ht[tb.loss_mask], wt,
                                                           chunk_tokens=chunk),
-                           tb.ids, tb.positions, tb.segments)
+                           tb.ids, tb.positions, tb.segments, **tb.images)
 
-        m = student_call(inner, sb.ids, sb.positions, sb.segments)
+        m = student_call(inner, sb.ids, sb.positions, sb.segments, **sb.images)
         kl, top1, n = kl + float(m.kl) * m.tokens, top1 + float(m.top1) * m.tokens, n + m.tokens
     kl, top1, n = all_sum([kl, top1, n])
     return {"eval/kl": kl / max(n, 1), "eval/top1": top1 / max(n, 1), "eval/tokens": n}
@@ -205,15 +208,21 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     context = read_context(d.teacher_context)
     on_policy = d.method == "on_policy"
     rows = load_split(data_cfg.train, "data.train")
+    images = image_config(student.config, data_cfg.pan_and_scan)
+    if images is not None and teacher_model.config.vision is None and any(map(has_images, rows)):
+        raise UserError("data.train has images but the teacher is a text-only model; fix: a multimodal teacher "
+                        "(teacher and student must see the same pixels), or text-only data")
     s_ex, t_ex = paired_examples(rows, tok, data_cfg.max_seq_len, context, data_cfg.truncation,
-                                 with_reply=not on_policy)
+                                 with_reply=not on_policy, images=images)
+    if on_policy and any(e.pixel_values is not None for e in s_ex):
+        raise UserError("distill.method=on_policy does not take image prompts yet; fix: method=sampled or topk")
     loader = DataLoader(s_ex, batch_size=data_cfg.micro_batch_size, max_seq_len=data_cfg.max_seq_len,
                         pad_id=tok.pad_id, seed=cfg.seed, packing=data_cfg.packing and not on_policy,
                         rank=rank(), world_size=world_size())
     eval_s, eval_t = [], []
     if data_cfg.eval:
         e_s, e_t = paired_examples(load_split(data_cfg.eval, "data.eval"), tok, data_cfg.max_seq_len, context,
-                                   data_cfg.truncation)
+                                   data_cfg.truncation, images=images)
         eval_s, eval_t = eval_batches(e_s, e_t, cfg, tok.pad_id)
 
     engine = Engine(student, cfg, lr=d.lr, steps=d.steps, warmup_steps=d.warmup_steps, out_dir=out_dir)
@@ -269,7 +278,8 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
                 # slot: W ranks x G accumulation steps draw the same targets as 1 rank x W*G.
                 global_batch = (step * accum + m) * world_size() + rank()
                 ids, values = targets_for(teacher, tb, cfg, _generator(derive_seed(cfg.seed, "distill/targets", global_batch), teacher.device))
-            loss = engine.module(student_loss(cfg, sb, ids, values, normalizer), sb.ids, sb.positions, sb.segments)
+            loss = engine.module(student_loss(cfg, sb, ids, values, normalizer), sb.ids, sb.positions, sb.segments,
+                                 **sb.images)
             engine.backward(loss)
             info = engine.step()
             loss_sum += float(loss.detach()) * normalizer
