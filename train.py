@@ -32,8 +32,8 @@ from posttrain.recipe import describe_keys, load_config, print_config, save_conf
 from posttrain.runlock import RunLock
 from posttrain.embedded import EMBEDDED_NAME
 from posttrain.errors import Preempted, UserError
-from posttrain.model import Gemma3, build_model, param_counts, prune_layers
-from posttrain.plan import check_arch, kept_layers, plan
+from posttrain.model import Gemma3, add_vision, build_model, param_counts, prune_layers
+from posttrain.plan import check_arch, kept_layers, plan, with_vision
 from posttrain.sampler import Sampler
 from posttrain.seeds import derive_seed
 
@@ -48,8 +48,9 @@ def log(*args) -> None:
 
 # ----------------------------------------------------------------------------- models
 
-def load(role: str, spec: ModelSpec, seed: int, device: str) -> Gemma3:
-    """A model from its spec: the source's weights, or a random init of the preset (+ arch)."""
+def load(role: str, spec: ModelSpec, seed: int, device: str, vision_seed: int = 0) -> Gemma3:
+    """A model from its spec: the source's weights, or a random init of the preset (+ arch); a new vision
+    tower (model.<role>.vision) is initialised from vision_seed, the same for every role."""
     dtype = getattr(torch, spec.dtype)
     if spec.source is None:
         model = build_model(spec.preset_config(), device=device, dtype=dtype, seed=seed).eval()
@@ -61,6 +62,10 @@ def load(role: str, spec: ModelSpec, seed: int, device: str) -> Gemma3:
     if spec.layers:
         kept_layers(role, spec, model.config)  # a clear error for a bad list
         model, origin = prune_layers(model, spec.layers), origin + f", layers {spec.layers} kept"
+    if spec.vision is not None:
+        arch = with_vision(role, spec, model.config)  # a clear error for a model that already sees
+        model = add_vision(model, arch.vision, vision_seed)
+        origin += ", new vision tower (random init)"
     counts = param_counts(model.config)
     log(f"{role}: {counts['total'] / 1e6:,.1f}M parameters ({counts['non_embedding'] / 1e6:,.1f}M "
         f"non-embedding), {spec.dtype}, from {origin}")
@@ -222,9 +227,10 @@ def run_locked(cfg: Config) -> int:
     from posttrain.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_source(cfg))
-    models = {"student": load("student", cfg.model.student, cfg.seed, device)}
+    eyes = derive_seed(cfg.seed, "vision tower")
+    models = {"student": load("student", cfg.model.student, cfg.seed, device, eyes)}
     if cfg.model.teacher is not None:
-        models["teacher"] = load("teacher", cfg.model.teacher, derive_seed(cfg.seed, "teacher_init"), device)
+        models["teacher"] = load("teacher", cfg.model.teacher, derive_seed(cfg.seed, "teacher_init"), device, eyes)
     for role, model in models.items():
         if model.config.vocab_size < tok.vocab_size:
             raise UserError(f"model.{role} has {model.config.vocab_size} embedding rows but the tokenizer "

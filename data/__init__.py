@@ -9,7 +9,8 @@ Names (`data.NAMES`): `arithmetic` (training problems), `arithmetic_eval` (held-
 other split, other seed), `arithmetic_pairs` (preference pairs: correct vs wrong final answer),
 `arithmetic_copy_pairs` (right working, final answer contradicting it),
 `safety_prompts` (labelled harmful and benign prompts), `demo_prompts` (the arithmetic problems
-with the safety prompts spread among them: the demo's policy prompts). Each is a list of dict rows.
+with the safety prompts spread among them: the demo's policy prompts), `shape_colours` /
+`shape_colours_eval` (images: the colour of a drawn shape, for the vision demo). Each is a list of dict rows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable
 from posttrain.errors import UserError
 
 from . import arithmetic as _arithmetic
+from . import shapes as _shapes
 from .safety import load_safety_prompts
 
 def demo_prompts() -> list[dict]:
@@ -42,6 +44,8 @@ BUNDLED: dict[str, Callable[[], list[dict]]] = {
     "arithmetic_copy_pairs": _arithmetic.arithmetic_copy_pairs,
     "safety_prompts": load_safety_prompts,
     "demo_prompts": demo_prompts,
+    "shape_colours": _shapes.shape_colours,
+    "shape_colours_eval": _shapes.shape_colours_eval,
 }
 NAMES = tuple(BUNDLED)
 

@@ -69,6 +69,12 @@ class ModelSpec(Section):
         "hidden_size: 64} for tiny test models; keys are posttrain.model.GemmaConfig fields")
     dtype: Dtype = Field("float32", description="weights and compute dtype; bfloat16 on GPU (DeepSpeed "
                          "keeps float32 master weights for trained models), float32 on CPU")
+    vision: Optional[dict[str, Any]] = Field(
+        None, description="give a text-only model eyes: a new, randomly initialised vision tower and projector "
+        "with these posttrain.vision.VisionConfig fields (e.g. {hidden_size: 128, num_layers: 2, num_heads: 2, "
+        "intermediate_size: 256, image_size: 64, patch_size: 8, mm_tokens_per_image: 16}; {} = SigLIP "
+        "so400m). Seeded by the recipe's seed, so student and teacher get the same tower. Not allowed on a "
+        "model that already has one")
     layers: Optional[list[int]] = Field(
         None, description="keep only these layers (0-based, ascending) of the loaded model: a smaller "
         "student initialised from a larger model's layers, each keeping its type (sliding or global)")
@@ -91,6 +97,16 @@ class ModelSpec(Section):
             ok = isinstance(value, int) if wants_int else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok:
                 raise ValueError(f"arch.{key} must be {'an integer' if wants_int else 'a number'}, got {value!r}")
+        if self.vision is not None:
+            from .vision import VisionConfig
+
+            known = {f.name for f in dataclasses.fields(VisionConfig)}
+            if bad := sorted(set(self.vision) - known):
+                raise ValueError(f"vision has unknown fields {bad}; known: {', '.join(sorted(known))}")
+            try:
+                VisionConfig(**self.vision)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"vision gives {e}") from None
         if self.arch:
             try:
                 self.preset_config()

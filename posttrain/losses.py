@@ -312,23 +312,28 @@ class DistillMetrics(NamedTuple):
     kl: torch.Tensor  # mean over covered tokens of the full-vocab KL(teacher || student)
     top1: torch.Tensor  # fraction of covered tokens where the student's argmax is the teacher's
     tokens: int  # covered tokens: the weight for averaging across ranks
+    label_top1: torch.Tensor | None = None  # fraction where the student's argmax is the data's own token
 
 
 @torch.no_grad()
 def distill_metrics(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                     teacher_weight: torch.Tensor, mask: torch.Tensor | None = None,
-                    chunk_tokens: int = 1024) -> DistillMetrics:
-    """Teacher-student KL and top-1 agreement, chunk by chunk (shapes as chunked_kl_to_reference)."""
+                    chunk_tokens: int = 1024, labels: torch.Tensor | None = None) -> DistillMetrics:
+    """Teacher-student KL and top-1 agreement, chunk by chunk (shapes as chunked_kl_to_reference);
+    with labels (the covered tokens' own next tokens, (n,)), also the student's top-1 accuracy on them."""
     _, h, (th,) = _covered(student_hidden, student_weight, mask, teacher_hidden)
     sw, tw = _gemm_operand(student_weight), _gemm_operand(teacher_weight)
-    kl = agree = torch.zeros((), dtype=torch.float64, device=h.device)
+    kl = agree = right = torch.zeros((), dtype=torch.float64, device=h.device)
     for s in range(0, h.shape[0], chunk_tokens):
         ls = torch.log_softmax(_mm32(h[s:s + chunk_tokens].to(sw.dtype), sw.T), -1)  # (n, V)
         lt = torch.log_softmax(_mm32(th[s:s + chunk_tokens].to(tw.dtype), tw.T), -1)
         agree = agree + (ls.argmax(-1) == lt.argmax(-1)).sum()
+        if labels is not None:
+            right = right + (ls.argmax(-1) == labels[s:s + chunk_tokens]).sum()
         kl = kl + (lt.exp() * lt.sub_(ls)).sum()  # exp first, then lt becomes log t - log s in place
     n = max(h.shape[0], 1)
-    return DistillMetrics((kl / n).float(), (agree / n).float(), h.shape[0])
+    return DistillMetrics((kl / n).float(), (agree / n).float(), h.shape[0],
+                          None if labels is None else (right / n).float())
 
 
 # ---------------------------------------------------------------- teacher targets

@@ -417,6 +417,22 @@ def build_model(cfg: GemmaConfig, device: str | torch.device = "cpu", dtype: tor
     return model
 
 
+def add_vision(model: Gemma3, vision: VisionConfig, seed: int) -> Gemma3:
+    """The text model with a new vision tower and projector (random init, seeded); the text weights are
+    the same tensors, not copies."""
+    if model.is_multimodal:
+        raise ValueError("the model already has a vision tower")
+    weight = model.embed_tokens.weight
+    bigger = Gemma3(model.config.with_(vision=vision)).to(device=weight.device, dtype=weight.dtype)
+    gen = torch.Generator(device=weight.device).manual_seed(seed)
+    init_weights(bigger.vision_tower, generator=gen)
+    init_weights(bigger.multi_modal_projector, generator=gen)
+    for name in ("embed_tokens", "layers", "norm"):
+        setattr(bigger, name, getattr(model, name))
+    bigger.reset_rope()
+    return bigger
+
+
 def pruned_config(cfg: GemmaConfig, keep: list[int]) -> GemmaConfig:
     """The architecture of `prune_layers(model, keep)`: the kept layers, each keeping its type."""
     if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= cfg.num_layers:
@@ -443,7 +459,7 @@ def prune_layers(model: Gemma3, keep: list[int]) -> Gemma3:
 
 
 __all__ = [
-    "GemmaConfig", "PRESETS", "Gemma3", "RMSNorm", "build_model", "init_weights", "param_counts", "prune_layers",
+    "GemmaConfig", "PRESETS", "Gemma3", "RMSNorm", "add_vision", "build_model", "init_weights", "param_counts", "prune_layers",
     "pruned_config",
     "SLIDING", "GLOBAL", "VISION_PREFIXES", "VisionConfig",
 ]

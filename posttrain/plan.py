@@ -140,10 +140,23 @@ def kept_layers(role: str, spec: ModelSpec, arch: GemmaConfig) -> GemmaConfig:
         raise UserError(f"model.{role}.layers: {e}") from None
 
 
+def with_vision(role: str, spec: ModelSpec, arch: GemmaConfig) -> GemmaConfig:
+    """The architecture after `model.<role>.vision` (a new tower on a text-only model)."""
+    if spec.vision is None:
+        return arch
+    if arch.vision is not None:
+        raise UserError(f"model.{role}.vision: the model already has a vision tower; fix: drop model.{role}.vision")
+    from .vision import VisionConfig
+
+    return arch.with_(vision=VisionConfig(**spec.vision))
+
+
 def _model_plan(role: str, spec: ModelSpec) -> ModelPlan:
     arch, origin = resolve_arch(role, spec)
     if spec.layers:
         arch, origin = kept_layers(role, spec, arch), origin + f", layers {spec.layers}"
+    if spec.vision is not None:
+        arch, origin = with_vision(role, spec, arch), origin + ", new vision tower"
     return ModelPlan(role, arch, origin, _counts(arch), spec.dtype)
 
 
@@ -335,4 +348,4 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Plan", "ModelPlan", "StageMemory", "plan", "format_plan", "resolve_arch", "check_arch"]
+__all__ = ["Plan", "ModelPlan", "StageMemory", "plan", "format_plan", "resolve_arch", "check_arch", "with_vision"]

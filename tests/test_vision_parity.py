@@ -272,3 +272,24 @@ def test_export_loads_in_transformers(tmp_path):
     for (name, a), (_, b) in zip(ours.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert logits_diff(reloaded, hf, ids, pixels(1)) <= 1e-4
+
+
+def test_add_vision_keeps_the_text_model_and_seeds_the_tower():
+    from posttrain.config import ModelSpec
+    from posttrain.model import add_vision
+
+    text = build_model(GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, head_dim=8,
+                                   num_heads=2, query_pre_attn_scalar=8), seed=0)
+    vision = VisionConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, image_size=16, patch_size=4,
+                          mm_tokens_per_image=4)
+    a, b = add_vision(text, vision, seed=1), add_vision(text, vision, seed=1)
+    assert a.embed_tokens.weight is text.embed_tokens.weight  # the same tensors, not copies
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(a.vision_tower.post_layernorm.weight, torch.ones(8))
+    assert a(torch.tensor([[2, 5, 3, 4]])).shape == (1, 4, 64)  # text-only input still works
+    with pytest.raises(ValueError, match="already"):
+        add_vision(a, vision, seed=1)
+    with pytest.raises(ValueError, match="unknown fields"):
+        ModelSpec(source="gemma3-270m", vision={"hidden": 8})
+    with pytest.raises(ValueError, match="divisible"):
+        ModelSpec(source="gemma3-270m", vision={"hidden_size": 9, "num_heads": 2})

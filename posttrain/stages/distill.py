@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..config import Config
 from ..data import Example, has_images, load_rows, to_messages, tokenize_rows
@@ -142,17 +143,26 @@ def student_loss(cfg: Config, batch: Batch, ids: torch.Tensor, values: torch.Ten
 def evaluate(student_call, teacher: Frozen, s_batches: list[Batch], t_batches: list[Batch], chunk: int) -> dict:
     """Full-vocabulary KL(teacher || student) and top-1 agreement over held-out batches (token-weighted,
     summed over ranks)."""
-    kl = top1 = n = 0.0
+    kl = top1 = label = n = first = replies = 0.0
     for sb, tb in zip(s_batches, t_batches):
+        starts = sb.loss_mask & ~F.pad(sb.loss_mask, (1, 0))[:, :-1]  # each reply's first token
+        right = []
+
         def inner(hs, ws):
+            right.append(float((F.linear(hs[starts], ws).argmax(-1) == sb.targets[starts]).sum()))
             return teacher(lambda ht, wt: distill_metrics(hs[sb.loss_mask], ws, ht[tb.loss_mask], wt,
-                                                          chunk_tokens=chunk),
+                                                          chunk_tokens=chunk, labels=sb.targets[sb.loss_mask]),
                            tb.ids, tb.positions, tb.segments, **tb.images)
 
         m = student_call(inner, sb.ids, sb.positions, sb.segments, **sb.images)
         kl, top1, n = kl + float(m.kl) * m.tokens, top1 + float(m.top1) * m.tokens, n + m.tokens
-    kl, top1, n = all_sum([kl, top1, n])
-    return {"eval/kl": kl / max(n, 1), "eval/top1": top1 / max(n, 1), "eval/tokens": n}
+        label += float(m.label_top1) * m.tokens
+        first, replies = first + right[0], replies + float(starts.sum())
+    kl, top1, label, n, first, replies = all_sum([kl, top1, label, n, first, replies])
+    # label_top1: the student's argmax is the data's own next token (teacher aside); reply_start_top1: the
+    # same at each reply's first token (a one-word answer's accuracy)
+    return {"eval/kl": kl / max(n, 1), "eval/top1": top1 / max(n, 1), "eval/label_top1": label / max(n, 1),
+            "eval/reply_start_top1": first / max(replies, 1), "eval/tokens": n}
 
 
 def eval_batches(students: list[Example], teachers: list[Example], cfg: Config, pad_id: int):
