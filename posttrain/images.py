@@ -52,8 +52,11 @@ def image_config(model_cfg, pan_and_scan: bool = False) -> ImageConfig | None:
 
 
 def load_image(source: Any, where: str):
-    """A PIL image in RGB from a path, bytes, a PIL image, or a `datasets` Image value ({"bytes", "path"})."""
-    from PIL import Image, UnidentifiedImageError
+    """A PIL image in RGB from a path, bytes, a PIL image, or a `datasets` Image value ({"bytes", "path"}).
+
+    A file or bytes is decoded here and turned upright by its EXIF orientation, as `datasets` decodes an
+    Image column and transformers' `load_image` opens a file; a PIL image is taken as already decoded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, dict):  # the datasets Image feature's storage form
         source = source.get("bytes") or source.get("path")
@@ -74,6 +77,7 @@ def load_image(source: Any, where: str):
         try:
             image = Image.open(opener)
             image.load()
+            image = ImageOps.exif_transpose(image)
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"{where}: {what} is not a readable image ({e}); fix: re-encode it as PNG or JPEG, "
                             "or drop the row") from e
@@ -119,10 +123,10 @@ def pixel_values(image, cfg: ImageConfig) -> torch.Tensor:
 
 
 def preprocess(images: Sequence, cfg: ImageConfig) -> tuple[torch.Tensor, list[int]]:
-    """RGB PIL images -> pixel values (N, 3, size, size), each image followed by its Pan & Scan crops,
-    and the crop count of each image (0 without Pan & Scan)."""
+    """PIL images (any mode; made RGB by to_rgb) -> pixel values (N, 3, size, size), each image followed
+    by its Pan & Scan crops, and the crop count of each image (0 without Pan & Scan)."""
     out, crops = [], []
-    for image in images:
+    for image in map(to_rgb, images):
         extra = pan_and_scan_crops(image, cfg) if cfg.pan_and_scan else []
         out += [pixel_values(im, cfg) for im in [image, *extra]]
         crops.append(len(extra))
@@ -161,6 +165,9 @@ def row_images(row: dict, where: str) -> list:
                         f"got {type(given).__name__}")
     parts = image_parts(row.get("messages") or [])
     for i, role in parts:
+        if role == "system":
+            raise UserError(f"{where}: messages[{i}] is a system message with an image part; the Gemma 3 template "
+                            "keeps only a system message's text (fix: move the image into the first user message)")
         if role in ("assistant", "model"):
             raise UserError(f"{where}: messages[{i}] is an assistant turn with an image part; images belong in "
                             "user turns (fix: move the image into the user message)")

@@ -206,6 +206,9 @@ class Tokenizer:
         for role, text in _turns(messages):
             # Header and content are one segment, as transformers tokenizes the rendered text. A reply is
             # stripped and "\n" is a user-defined piece that never merges, so "model\n" is its own prefix.
+            if image_crops is not None and SOFT in text:
+                raise UserError(f"a {role} turn contains the literal text {SOFT}, which only image parts may produce "
+                                "(fix: remove it from the message, or give the image as a {\"type\": \"image\"} part)")
             if image_crops is not None and BOI in text:
                 if role == "model":
                     raise UserError("an image part is in an assistant turn; images belong in user turns "
@@ -217,7 +220,9 @@ class Tokenizer:
                 text = parts[0] + "".join(image_text(image_crops[placeholders + k], tokens_per_image) + rest
                                           for k, rest in enumerate(parts[1:]))
                 placeholders += len(parts) - 1
-            body = self._encode_images(f"{role}\n{text}")
+            # Only an image block's own soft tokens become IMAGE_TOKEN_ID; without images the text stays text.
+            encode = self._sp.encode if image_crops is None else self._encode_images
+            body = encode(f"{role}\n{text}")
             head = self._sp.encode(f"{role}\n") if role == "model" else body
             assert body[: len(head)] == head, f"header {head} is not a prefix of {body[:len(head)]}"
             ids += [self.start_of_turn_id, *body, self.end_of_turn_id, *self._newline]

@@ -54,22 +54,56 @@ def test_pixel_values_bit_identical(name, pan_and_scan):
     assert ours.dtype == torch.float32 and torch.equal(ours, ref["pixel_values"])
 
 
+# ratio 1.2 at 512 falls between 614 and 615; a crop of 256 between 511 and 510 (2 crops) or 257 and 255 rows
 SIZES = [(1536, 600), (542, 130), (640, 427), (600, 1536), (427, 640), (512, 512), (611, 512), (614, 512),
-         (511, 300), (512, 300), (2000, 257), (1000, 300), (4000, 600), (300, 1300)]
+         (615, 512), (512, 615), (511, 300), (512, 300), (510, 300), (300, 510), (2000, 257), (2000, 255),
+         (1000, 300), (4000, 600), (300, 1300), (100, 4000)]
+KNOBS = ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")
+SETTINGS = [PAS, dict(zip(KNOBS, (128, 8, 1.0))), dict(zip(KNOBS, (300, 2, 1.5)))]
 
 
-def test_pan_and_scan_crops_equal_transformers_on_a_grid():
-    hf = hf_image_processor()
+@pytest.mark.parametrize("setting", range(len(SETTINGS)))
+def test_pan_and_scan_crops_equal_transformers_on_a_grid(setting):
+    hf, knobs = hf_image_processor(), SETTINGS[setting]
+    counts = set()
     for w, h in SIZES:
         image = synthetic(w, h, seed=w + h)
         arr = np.asarray(image).transpose(2, 0, 1)  # the array form transformers crops
-        ref = hf.pan_and_scan(arr, **PAS)
-        ours = pan_and_scan_crops(image, ImageConfig(pan_and_scan=True))
+        ref = hf.pan_and_scan(arr, **knobs)
+        ours = pan_and_scan_crops(image, ImageConfig(pan_and_scan=True, **knobs))
         assert len(ours) == len(ref), (w, h)
+        counts.add(len(ref))
         for a, b in zip(ours, ref):
             assert np.array_equal(np.asarray(a).transpose(2, 0, 1), b), (w, h)
+    assert 0 in counts and len(counts) >= 2  # not vacuous: some images get no crops, others do
     assert len(pan_and_scan_crops(synthetic(1536, 600), ImageConfig())) == 3  # 2.56 -> 3 crops of 512 x 600
     assert pan_and_scan_crops(synthetic(542, 130), ImageConfig()) == []  # crops of 130 pixels are too small
+    # 640 x 427 (ratio 1.499): transformers' 1.2 gives 2 crops; gemma_pytorch's hard-coded 1.5 would give none
+    assert [c.size for c in pan_and_scan_crops(synthetic(640, 427), ImageConfig())] == [(320, 427)] * 2
+    assert pan_and_scan_crops(synthetic(640, 427), ImageConfig(pan_and_scan_min_ratio_to_activate=1.5)) == []
+
+
+def test_preprocess_takes_any_pil_mode_as_transformers_does():
+    """preprocess makes its inputs RGB itself (transparency on white), not only load_image."""
+    images = [synthetic(300, 200, "RGBA", seed=4), synthetic(200, 500, "L", seed=5), synthetic(90, 60, seed=6)]
+    ref = hf_image_processor()(images=images, return_tensors="pt", do_pan_and_scan=True)
+    ours, crops = preprocess(images, ImageConfig(pan_and_scan=True))
+    assert crops == ref["num_crops"].tolist() and torch.equal(ours, ref["pixel_values"])
+
+
+def test_exif_orientation_is_applied_like_datasets_and_transformers(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    path = tmp_path / "phone.jpg"
+    synthetic(80, 40).save(path, exif=exif.tobytes())
+    refs = [datasets.Image().decode_example({"path": str(path), "bytes": None}),
+            transformers.image_utils.load_image(str(path))]
+    for source in (str(path), path.read_bytes(), {"bytes": None, "path": str(path)}):
+        ours = load_image(source, "row 1")
+        for ref in refs:
+            assert ours.size == ref.size == (40, 80)
+            assert np.array_equal(np.asarray(ours), np.asarray(ref.convert("RGB")))
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +132,8 @@ CHATS = {
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": "Hi."}, {"role": "user", "content": [IMG, TXT(" Describe it. ")]}],
         ["rgba_wide"]),
+    "an_image_per_user_turn": ([{"role": "user", "content": [IMG, TXT("a?")]}, {"role": "assistant", "content": "x"},
+                                {"role": "user", "content": [TXT("and"), IMG]}], ["grey_tall", "small"]),
 }
 
 
@@ -132,6 +168,18 @@ def test_loss_mask_is_false_on_image_tokens(tok):
             assert not m
 
 
+def test_a_literal_soft_token_in_text_stays_text(tok):
+    """Only image blocks produce id 262,144: typed in a text-only chat the string is text (the id is past a
+    text model's vocabulary), and in a chat with images it is an error rather than a phantom image token."""
+    chat = [{"role": "user", "content": "what is <image_soft_token>?"},
+            {"role": "assistant", "content": "<image_soft_token>"}]
+    enc = tok.apply_chat_template(chat)
+    assert max(enc.ids) < tok.vocab_size and tok.decode(enc.ids).count("<image_soft_token>") == 2
+    with pytest.raises(UserError, match="literal text <image_soft_token>"):
+        encode_chat(tok, [{"role": "user", "content": [IMG, TXT("<image_soft_token>")]}], [synthetic(8, 8)],
+                    ImageConfig())
+
+
 def test_row_images_accept_every_form_and_name_bad_ones(tmp_path):
     path = tmp_path / "a.png"
     synthetic(30, 20).save(path)
@@ -156,3 +204,5 @@ def test_row_images_accept_every_form_and_name_bad_ones(tmp_path):
     assert "more images than image parts" in error(images=[str(path)] * 5)
     model_turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [IMG]}]
     assert "assistant turn" in error(messages=model_turn, images=[str(path)])
+    system = [{"role": "system", "content": [IMG]}, {"role": "user", "content": "hi"}]
+    assert "system message with an image part" in error(messages=system, images=[str(path)])
