@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
-RECIPES = ["demo", "it_12b", "it_1b", "it_270m", "it_27b", "it_4b", "smoke"]
+RECIPES = ["demo", "it_12b", "it_1b", "it_270m", "it_27b", "it_4b", "smoke", "vision_demo"]
 
 
 @pytest.fixture(autouse=True)
@@ -71,22 +71,28 @@ def test_plan_parameter_counts_match_the_model():
     assert p.models["student"].counts == expected
     assert p.models["teacher"].counts == param_counts(PRESETS["27b"])
     assert expected["non_embedding"] == 3_209_010_688  # the report's 3,209M
-    assert "3.88 B" in p.format()
+    assert expected["total"] - expected["vision"] == 3_880_263_168  # the text model: 3.88 B
+    assert "4.30 B" in p.format() and "419.8 M" in p.format()  # with the SigLIP tower and projector
 
 
 def test_plan_formula_for_one_case():
-    # distill on 8 devices, ZeRO-3, bf16: 2P weights, 2P grads and 12P Adam states, all over 8.
+    # distill on 8 devices, ZeRO-3, bf16: 2P weights, 2T grads and 12T Adam states, all over 8, where T
+    # leaves out the vision tower and projector (frozen by default: model.train_vision_tower/_projector).
     cfg = load_config(["recipe=it_4b", "stages=[distill]"])
-    P = param_counts(PRESETS["4b"])["total"]
+    counts = param_counts(PRESETS["4b"])
+    P, T = counts["total"], counts["total"] - counts["vision"]
     rows = plan(cfg).stages["distill"].rows
-    assert rows["trained weights"] == 2 * P // 8 and rows["gradients"] == 2 * P // 8
-    assert rows["Adam states"] == 12 * P // 8
+    assert rows["trained weights"] == 2 * P // 8 and rows["gradients"] == 2 * T // 8
+    assert rows["Adam states"] == 12 * T // 8
+    rows = plan(load_config(["recipe=it_4b", "stages=[distill]", "model.train_vision_tower=true",
+                             "model.train_projector=true"])).stages["distill"].rows
+    assert rows["gradients"] == 2 * P // 8 and rows["Adam states"] == 12 * P // 8
     assert rows["teacher (frozen)"] == 2 * param_counts(PRESETS["27b"])["total"] // 8
     rows = plan(load_config(["recipe=it_4b", "stages=[distill]", "distributed.zero_stage=1"])).stages["distill"].rows
-    assert rows["trained weights"] == 2 * P and rows["gradients"] == 2 * P and rows["Adam states"] == 12 * P // 8
+    assert rows["trained weights"] == 2 * P and rows["gradients"] == 2 * T and rows["Adam states"] == 12 * T // 8
     cpu = plan(load_config(["recipe=it_4b", "stages=[distill]", "model.student.dtype=float32",
                             "distributed.zero_stage=0"])).stages["distill"].rows
-    assert (cpu["trained weights"], cpu["gradients"], cpu["Adam states"]) == (4 * P, 4 * P, 8 * P)
+    assert (cpu["trained weights"], cpu["gradients"], cpu["Adam states"]) == (4 * P, 4 * T, 8 * T)
     offload = plan(load_config(["recipe=it_4b", "stages=[distill]", "distributed.offload_optimizer=true"]))
     assert offload.stages["distill"].rows["Adam states"] == 0 and "host memory" in offload.format()
 
