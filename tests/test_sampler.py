@@ -9,7 +9,7 @@ import torch
 
 import posttrain
 from posttrain.oracle import greedy_generate
-from posttrain.sampler import KVCache, Sampler, kv_cache_bytes, sample_tokens
+from posttrain.sampler import KVCache, Sampler, draw, kv_cache_bytes, sample_tokens
 
 CFG = posttrain.GemmaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=7, num_heads=4,
                             num_kv_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=6)
@@ -122,6 +122,21 @@ def test_truncation_filters():
     assert drawn(min_p=0.5) == {0, 1}  # keeps p >= 0.25
     assert drawn(top_k=1) == {0}
     assert sample_tokens(logits[:1], 0.0, None, None, None, g).item() == 0
+
+
+@pytest.mark.parametrize("block", [1, 3, 1024])
+def test_draw_follows_the_probabilities_and_never_draws_a_zero(block):
+    # unnormalised weights, zeros inside and at both ends, blocks that split the row unevenly
+    w = torch.tensor([0.0, 5.0, 0.0, 3.0, 1.5, 0.0, 0.5, 0.0])
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    got = torch.bincount(draw(w.repeat(n, 1), g, block=block), minlength=8).double() / n
+    want = (w / w.sum()).double()
+    assert torch.all(got[w == 0] == 0)
+    assert torch.all((got - want).abs() <= 4 * (want * (1 - want) / n).sqrt()), (got, want)
+    wide = torch.zeros(3, 262_208)
+    wide[:, [0, 70_000, 262_207]] = torch.tensor([1.0, 2.0, 1.0])
+    assert set(draw(wide.repeat(400, 1), g, block=block).tolist()) == {0, 70_000, 262_207}
 
 
 def test_sliding_cache_is_w_slots_whatever_the_context():
