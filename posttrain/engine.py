@@ -125,9 +125,13 @@ class WithHead(nn.Module):
         self.model, self.autocast = model, autocast
 
     def forward(self, fn: Callable, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None, **images):
-        """images: pixel_values / token_type_ids / image_features, as Gemma3.hidden_states takes them."""
+                segments: torch.Tensor | None = None, image_index: torch.Tensor | None = None, **images):
+        """images: pixel_values / token_type_ids / image_features, as Gemma3.hidden_states takes them.
+        image_index (N,): the batch's N image blocks show pixel_values[image_index]; several rows that
+        share an image (a group of samples of one prompt) then encode it once."""
         with torch.autocast(ids.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            if image_index is not None:
+                images["image_features"] = self.model.image_features(images.pop("pixel_values"))[image_index]
             h = self.model.hidden_states(ids, positions=positions, segments=segments, **images)
             return fn(h, self.model.embed_tokens.weight)
 

@@ -46,7 +46,7 @@ def records(run_dir: Path, prefix: str) -> dict[int, dict]:
 
 def test_bond_two_ranks_zero3_resume_after_sigkill_is_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    zero3 = ["distributed.zero_stage=3", *SAFETY]
+    zero3 = ["distributed.zero_stage=3", "policy.algorithm=bond", *SAFETY]  # WARP's resume: test_sigterm_resume
     res = train(straight, *zero3, ranks=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a = records(straight, "bond")

@@ -30,6 +30,7 @@ from ..bond import best_anchor, jbond_loss, quantile_reward, wins
 from ..config import Config
 from ..engine import Engine, all_sum, default_warmup, rank, world_size, write_json_atomic
 from ..errors import UserError
+from ..images import image_config
 from ..model import Gemma3
 from ..seeds import derive_seed
 from .policy_warp import run_warp
@@ -127,8 +128,9 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
     from .distill import load_split
 
     p, out_dir = cfg.policy, Path(out_dir or cfg.out_dir / "policy")
-    prompts = Prompts(load_split(cfg.data.prompts, "data.prompts"), tok, "data.prompts")
-    held = Prompts(load_split(cfg.data.eval, "data.eval"), tok, "data.eval") if cfg.data.eval else None
+    images = image_config(student.config, cfg.data.pan_and_scan)
+    prompts = Prompts(load_split(cfg.data.prompts, "data.prompts"), tok, "data.prompts", images)
+    held = Prompts(load_split(cfg.data.eval, "data.eval"), tok, "data.eval", images) if cfg.data.eval else None
     reward = build_reward(cfg, reward_model_path)
     import rewards
 

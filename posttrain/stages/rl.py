@@ -8,6 +8,7 @@ The algorithms themselves are pure and live in bond.py, warp.py, pg.py and merge
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from pathlib import Path
@@ -15,9 +16,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import Example, to_messages
+from ..data import Example, has_images, origin, to_messages
 from ..engine import Engine, all_sum, rank, world_size
 from ..errors import UserError
+from ..images import ImageConfig, encode_chat, row_images
 from ..loader import collate
 from ..losses import sequence_logprobs
 from ..merge import ema_
@@ -30,18 +32,47 @@ from .loop import StepLoop
 # ----------------------------------------------------------------------------- prompts and rewards
 
 class Prompts:
-    """Tokenized prompts with their reward columns; a seeded order, this rank's share per step."""
+    """Tokenized prompts with their reward columns; a seeded order, this rank's share per step.
 
-    def __init__(self, rows: list[dict], tok, key: str):
+    images: how a multimodal policy reads images (images.ImageConfig; None for a text-only one). A row
+    with images (TRL's vision format, as in data) gets its image blocks in `ids`; its pixel values are
+    made again from the files when `pixels(i)` asks (the last few are kept: a step asks for its prompts'
+    images several times), so a large prompt set holds ids, not images."""
+
+    def __init__(self, rows: list[dict], tok, key: str, images: ImageConfig | None = None):
         if not rows:
             raise UserError(f"{key} is empty; the policy stage needs prompts")
-        self.rows = rows
+        self.rows, self.tok, self.image_cfg = rows, tok, images
+        self.with_images = [has_images(r) for r in rows]
+        if any(self.with_images) and images is None:
+            i = self.with_images.index(True)
+            raise UserError(f"{origin(rows, i)} ({key}): the row has images but the policy is text-only; fix: use a "
+                            "multimodal model (Gemma 3 4B, 12B, 27B, or model.student.vision), or drop the images")
         try:
-            self.ids = [list(tok.apply_chat_template(to_messages(r, with_reply=False), add_generation_prompt=True).ids)
-                        for r in rows]
+            self.ids = [list(self._encode(i).ids) for i in range(len(rows))]
         except (KeyError, TypeError) as e:
             raise UserError(f"{key}: every row needs a `prompt` (or `messages`); {e}") from None
-        self.text = [r.get("prompt") or r["messages"][-1]["content"] for r in rows]
+        self.text = [_prompt_text(r) for r in rows]
+        self._pixels = functools.lru_cache(maxsize=16)(self._load_pixels)
+
+    def _encode(self, i: int):
+        messages = to_messages(self.rows[i], with_reply=False)
+        if not self.with_images[i]:
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True)
+        where = origin(self.rows, i)
+        return encode_chat(self.tok, messages, row_images(self.rows[i], where), self.image_cfg,
+                           add_generation_prompt=True)
+
+    def pixels(self, i: int) -> torch.Tensor | None:
+        """Prompt i's pixel values (N, 3, H, W), its images and crops in block order; None without images."""
+        return self._pixels(i) if self.with_images[i] else None
+
+    def _load_pixels(self, i: int) -> torch.Tensor:
+        return self._encode(i).pixel_values
+
+    @property
+    def has_images(self) -> bool:
+        return any(self.with_images)
 
     def batch(self, step: int, size: int, seed: int) -> list[int]:
         """This rank's `size` prompt indices for global step `step` (epochs reshuffled by seed)."""
@@ -56,6 +87,16 @@ class Prompts:
     def columns(self, idx: list[int], repeat: int) -> dict[str, list]:
         keys = sorted({k for i in idx for k in self.rows[i]} - {"prompt", "messages", "response", "solution", "system"})
         return {k: [self.rows[i].get(k) for i in idx for _ in range(repeat)] for k in keys}
+
+
+def _prompt_text(row: dict) -> str:
+    """What a reward reads as the prompt: the `prompt`, or the last message's text (its text parts joined)."""
+    if row.get("prompt"):
+        return row["prompt"]
+    content = row["messages"][-1]["content"]
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content
 
 
 def score(reward, prompts: Prompts, idx: list[int], completions: list[list[str]]):
@@ -144,9 +185,10 @@ def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Confi
     with engine.full_weights() as model:
         was = model.training
         model.eval()
+        images = [prompts.pixels(i) for i in idx] if prompts.has_images else None
         out = Sampler(model).generate([prompts.ids[i] for i in idx], n=n, max_new_tokens=p.max_new_tokens,
                                       temperature=p.temperature if temperature is None else temperature,
-                                      stop_token_ids=stop_ids(cfg, tok), seed=seed)
+                                      stop_token_ids=stop_ids(cfg, tok), seed=seed, images=images)
         model.train(was)
     result = Rollout([list(c.tokens) for c in row] for row in out)
     lps = [lp for row in out for c in row for lp in c.logprobs]
@@ -159,19 +201,30 @@ def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Confi
 def seq_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: list[list[list[int]]], cfg: Config,
                  pad_id: int, post=None):
     """log pi(y) per completion, (P, n), through the engine (grad unless under no_grad). `post`, when
-    given, maps that tensor to a loss inside the engine's forward (ZeRO-3 keeps the head gathered)."""
+    given, maps that tensor to a loss inside the engine's forward (ZeRO-3 keeps the head gathered).
+    A prompt's images are encoded once for its n completions (engine.module's image_index)."""
     n = len(completions[0])
     examples = [Example(prompts.ids[i] + c, [False] * len(prompts.ids[i]) + [True] * len(c))
                 for i, row in zip(idx, completions) for c in row]
     batch = collate(examples, [[j] for j in range(len(examples))], max(len(e.ids) for e in examples),
                     pad_id).to(engine.device)
+    images = {}
+    if prompts.has_images:
+        pixels = [prompts.pixels(i) for i in idx]
+        given = [p for p in pixels if p is not None]
+        if given:
+            first = torch.cumsum(torch.tensor([0] + [0 if p is None else len(p) for p in pixels]), 0).tolist()
+            index = [j for k, p in enumerate(pixels) if p is not None for _ in range(n)
+                     for j in range(first[k], first[k + 1])]
+            images = {"pixel_values": torch.cat(given).to(engine.device),
+                      "image_index": torch.tensor(index, device=engine.device)}
 
     def fn(h, w):
         lp = sequence_logprobs(h, w, batch.targets.clamp_min(0), batch.loss_mask, cfg.data.loss_chunk_tokens)
         lp = lp.sum(-1).view(len(idx), n)
         return lp if post is None else post(lp)
 
-    return engine.module(fn, batch.ids, batch.positions, batch.segments)
+    return engine.module(fn, batch.ids, batch.positions, batch.segments, **images)
 
 
 class Anchor:
