@@ -89,7 +89,7 @@ def test_on_error_raise_is_one_line_under_two_ranks_and_debug_shows_the_tracebac
 
 def test_a_second_run_on_a_held_directory_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
     rewards = f"rewards=[{{name: {reward_file(tmp_path)}:brief}}]"
-    args = [*POLICY, rewards, "policy.steps=30", "checkpoint.every=1", f"run_dir={tmp_path}"]
+    args = [*POLICY, rewards, "policy.algorithm=bond", "policy.steps=30", "checkpoint.every=1", f"run_dir={tmp_path}"]
     first = train_py(args, wait=False)
     metrics = tmp_path / "smoke" / "policy" / "metrics.jsonl"
     deadline = time.monotonic() + 300

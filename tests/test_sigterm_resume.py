@@ -3,7 +3,7 @@ through train.py as users run it: the stage writes a checkpoint, train.py exits 
 and resume=true finishes with the same per-step metrics and bit-identical final weights as a run
 that was never stopped. A finished run keeps no step checkpoints or intermediate shards by default
 (checkpoint.keep_optimizer=false), a resumed finished run skips its stages, and one whose steps were
-raised says why it cannot continue. The model is the smoke recipe's tiny random Gemma 3.
+raised says why it cannot continue (checked on the J-BOND case's straight run). The model is the smoke recipe's tiny random Gemma 3.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ CASES = {
                     ["stages=[warm]", "warm.steps=4", "warm.members=2", "warm.probe_steps=5", "data.eval_prompts=[]"]),
     "J-BOND": ("policy", "bond/loss", "policy/bond/final", [*POLICY, "policy.algorithm=bond", "policy.steps=4"]),
     "WARP run": ("policy", "warp_i1_r1/loss", "policy/warp/final",
-                 [*POLICY, "policy.algorithm=warp", "policy.steps=3", "policy.warp_runs=2", "policy.warp_iterations=1"]),
+                 [*POLICY, "policy.algorithm=warp", "policy.steps=3", "policy.warp_runs=2", "policy.warp_iterations=1",
+                  "policy.eta_sweep=[1.0]"]),
 }
 
 
@@ -89,15 +90,14 @@ def test_sigterm_then_resume_is_exact(case, tmp_path):
     assert losses(stopped, stage, key) == want
     wa, wb = weights(straight / "smoke" / final), weights(stopped / "smoke" / final)
     assert wa and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-exact on CPU
+    if case == "J-BOND":
+        a_finished_run_skips_its_stages_and_more_steps_say_why_they_cannot_run(straight, overrides)
 
 
-def test_a_finished_run_skips_its_stages_and_more_steps_say_why_they_cannot_run(tmp_path):
-    stage, key, final, overrides = CASES["J-BOND"]
-    res = train(tmp_path, overrides)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = train(tmp_path, overrides, "resume=true")
+def a_finished_run_skips_its_stages_and_more_steps_say_why_they_cannot_run(run: Path, overrides: list[str]):
+    res = train(run, overrides, "resume=true")
     assert res.returncode == 0 and "J-BOND already finished: it trained step 4 of 4" in res.stdout
-    res = train(tmp_path, overrides, "resume=true", "policy.steps=6")
+    res = train(run, overrides, "resume=true", "policy.steps=6")
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "J-BOND finished at step 4 and its step checkpoints were deleted" in res.stderr
     assert "checkpoint.keep_optimizer" in res.stderr and "Traceback" not in res.stderr
