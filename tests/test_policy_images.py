@@ -124,7 +124,7 @@ def test_policy_stage_with_image_prompts(tmp_path):
     try:
         res = train_py(["recipe=smoke", "stages=[policy]", f"model.student.source={source}",
                         "model.student.preset=null", "model.student.arch={}", f"data.prompts={data}",
-                        f"data.eval={data}", "policy.eval_size=4", "model.train_projector=true",
+                        f"data.eval={data}", "policy.eval_size=4", "policy.eta_sweep=[1.0]", "model.train_projector=true",
                         f"rewards=[{{name: {tmp_path / 'probe.py'}:probe}}]", f"run_dir={run}"], timeout=600)
     finally:
         del os.environ["PROBE_OUT"]

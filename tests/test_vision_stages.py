@@ -40,7 +40,8 @@ def test_smoke_recipe_keeps_a_multimodal_students_vision_tower_bit_identical(tmp
     run = tmp_path / "run"
     res = train_py(["recipe=smoke", f"model.student.source={source}", "model.student.preset=null",
                     "model.student.arch={}", f"run_dir={run}",
-                    f"export.dir={tmp_path / 'export'}", "export.dtype=float32"], timeout=600)
+                    f"export.dir={tmp_path / 'export'}", "export.dtype=float32",
+                    "policy.eval_size=8", "policy.eta_sweep=[1.0]"], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "student: 17.0M parameters" in res.stdout and "'What is 2 + 3?' ->" in res.stdout
     assert (tmp_path / "export" / "tokenizer.model").exists()
