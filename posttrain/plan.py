@@ -17,6 +17,8 @@ kind is divided by W once the ZeRO stage shards it, and is whole below that stag
         and WARM's shared init and WARP's base wait in host memory while the sharded engines train
     EMA anchor (J-BOND, WARP) / running average (WARM):     4P, float32 because a 0.02 EMA step
         rounds away in bf16; sharded under stage 3 like the model it follows
+    vision activations (multimodal models): images x (patches x L_v x (8 E + 2 I_v) + S x C) x bytes, one image
+        per row (per prompt in the policy stage; x 5 with Pan & Scan), L_v = 1 while the tower is frozen
     activations of one micro-batch (not sharded): rows x T x L x a x bytes(dtype), where
         a = 8 C + 4 I + 3 H D + 3 K D values per token per layer (block inputs, norms, q/k/v,
         attention output, the gated MLP's three I-wide tensors), or with activation
@@ -188,7 +190,7 @@ def _frozen(cfg: Config, m: ModelPlan, label: str, dtype: str | None = None) -> 
     return {label: BYTES[dtype or m.dtype] * m.counts["total"] // _shard(cfg, 3)}
 
 
-def _train_step(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
+def _train_step(cfg: Config, m: ModelPlan, rows: int, images: int | None = None) -> dict[str, int]:
     a, T, b = m.arch, cfg.data.max_seq_len, BYTES[m.dtype]
     layer = 8 * a.hidden_size + 4 * a.intermediate_size + 3 * (a.num_heads + a.num_kv_heads) * a.head_dim
     if cfg.distributed.activation_checkpointing:
@@ -196,7 +198,23 @@ def _train_step(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
     else:
         per_token = a.num_layers * layer
     chunk = min(cfg.data.loss_chunk_tokens, rows * T)
-    return {"activations": rows * T * per_token * b, "logits chunk": chunk * a.vocab_size * 4 * LOGIT_COPIES}
+    out = {"activations": rows * T * per_token * b, "logits chunk": chunk * a.vocab_size * 4 * LOGIT_COPIES}
+    if a.vision is not None:
+        out["vision activations"] = _vision_activations(cfg, m, rows if images is None else images)
+    return out
+
+
+def _vision_activations(cfg: Config, m: ModelPlan, images: int) -> int:
+    """The tower's activations for `images` images (one per row, or per prompt in the policy stage; Pan & Scan
+    adds up to pan_and_scan_max_num_crops more): every layer's when the tower trains, else one layer's at
+    a time (a frozen tower runs without a graph), plus the projected soft tokens."""
+    v, b = m.arch.vision, BYTES[m.dtype]
+    if cfg.data.pan_and_scan:
+        images *= 1 + 4  # transformers' default pan_and_scan_max_num_crops
+    patches = (v.image_size // v.patch_size) ** 2
+    layers = v.num_layers if cfg.model.train_vision_tower else 1
+    return images * (patches * layers * (8 * v.hidden_size + 2 * v.intermediate_size)
+                     + v.mm_tokens_per_image * m.arch.hidden_size) * b
 
 
 def _rollout(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
@@ -239,7 +257,7 @@ def _policy(cfg: Config, policy: ModelPlan, rm: ModelPlan | None) -> StageMemory
         if "bond" in p.algorithm else []
     phases += [(mb * p.samples_per_prompt,) * 2] if "warp" in p.algorithm else []
     train_rows, rollout_rows = max(r[0] for r in phases), max(r[1] for r in phases)
-    mem.train = _train_step(cfg, policy, train_rows)
+    mem.train = _train_step(cfg, policy, train_rows, images=mb)  # a prompt's images are encoded once
     mem.rollout = _rollout(cfg, policy, rollout_rows)
     return mem
 

@@ -141,4 +141,23 @@ def test_plan_trains_as_many_jbond_rows_as_the_code(samples):
                        f"policy.samples_per_prompt={samples}"])
     rows = cfg.data.micro_batch_size * (samples + 1)
     same = load_config(["recipe=it_4b", "stages=[distill]", f"data.micro_batch_size={rows}"])
-    assert plan(cfg).stages["policy"].train == plan(same).stages["distill"].train
+    policy, distill = plan(cfg).stages["policy"].train, plan(same).stages["distill"].train
+    vision = policy.pop("vision activations"), distill.pop("vision activations")
+    assert policy == distill
+    # the tower encodes each prompt's images once, however many samples it has
+    one_per_prompt = load_config(["recipe=it_4b", "stages=[distill]"])
+    assert vision[0] == plan(one_per_prompt).stages["distill"].train["vision activations"] < vision[1]
+
+
+def test_plan_counts_the_vision_towers_activations():
+    # it_4b: micro-batch 2, bf16, one 896 x 896 image per row: 4096 patches of width 1152 (MLP 4304)
+    per_layer = 4096 * (8 * 1152 + 2 * 4304) * 2
+    soft = 256 * 2560 * 2
+    frozen = plan(load_config(["recipe=it_4b", "stages=[distill]"]))
+    assert frozen.stages["distill"].train["vision activations"] == 2 * (per_layer + soft)
+    trained = plan(load_config(["recipe=it_4b", "stages=[distill]", "model.train_vision_tower=true"]))
+    assert trained.stages["distill"].train["vision activations"] == 2 * (27 * per_layer + soft)
+    assert trained.peak_bytes > frozen.peak_bytes and "vision activations" in trained.format()
+    crops = plan(load_config(["recipe=it_4b", "stages=[distill]", "data.pan_and_scan=true"]))
+    assert crops.stages["distill"].train["vision activations"] == 10 * (per_layer + soft)
+    assert "vision activations" not in plan(load_config(["recipe=smoke"])).stages["distill"].train
