@@ -23,18 +23,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 import data  # noqa: E402
 import posttrain  # noqa: E402
 from posttrain.data import to_messages  # noqa: E402
-from posttrain.quant import FORMATS  # noqa: E402
-
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def quantized(model, fmt: str):
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            if name.startswith("layers.") and name.split(".")[-2] in LINEAR:
-                p.copy_(FORMATS[fmt](p))
-    return out
+from posttrain.quant import FORMATS, quantize_linear_  # noqa: E402
 
 
 @torch.no_grad()
@@ -70,7 +59,7 @@ def main():
           "linear weights quantized, embedding float")
     print(f"{'format':8} {'KL(float || q)':>16} {'95% interval':>22} {'top-1 agreement':>16} {'95% interval':>18}")
     for fmt in args.formats:
-        scores = per_row(quantized(ref, fmt).eval(), ref, seqs)
+        scores = per_row(quantize_linear_(copy.deepcopy(ref), fmt).eval(), ref, seqs)
         kl, top1 = [s[0] for s in scores], [s[1] for s in scores]
         (kl_lo, kl_hi), (t_lo, t_hi) = interval(kl), interval(top1)
         print(f"{fmt:8} {sum(kl) / len(kl):16.5f} {f'[{kl_lo:.5f}, {kl_hi:.5f}]':>22} "

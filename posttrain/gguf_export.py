@@ -21,9 +21,8 @@ import torch
 from .errors import UserError
 from .gguf_io import _BLOCK_NAMES, _GLOBAL_NAMES, open_gguf
 from .model import Gemma3
+from .quant import is_linear, q4_0, quantize_linear_
 
-LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-          "mlp.up_proj", "mlp.down_proj")
 EMBEDDING_TYPES = ("f16", "f32", "q4_0")
 
 
@@ -93,11 +92,11 @@ def write_gguf(model: Gemma3, path: str | Path, *, embedding: str = "f16", token
         gname = names[pattern].format(i=parts[1] if parts[0] == "layers" else "")
         w = value.detach().float().cpu().numpy()
         total_params += w.size
-        is_linear = parts[0] == "layers" and ".".join(parts[2:4]) in LINEAR
-        if is_linear or (key == "embed_tokens.weight" and embedding == "q4_0"):
+        linear = is_linear(key)
+        if linear or (key == "embed_tokens.weight" and embedding == "q4_0"):
             packed = gguf.quants.quantize(np.ascontiguousarray(w), gguf.GGMLQuantizationType.Q4_0)
             writer.add_tensor(gname, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-            if is_linear:
+            if linear:
                 linear_params, linear_bytes = linear_params + w.size, linear_bytes + packed.nbytes
         elif key == "embed_tokens.weight":
             writer.add_tensor(gname, w.astype(np.float16 if embedding == "f16" else np.float32))
@@ -117,15 +116,10 @@ def q4_0_reference(model: Gemma3, embedding: str = "f16") -> Gemma3:
     the file computes with."""
     import copy
 
-    from .quant import q4_0
-
-    out = copy.deepcopy(model).float()
+    out = quantize_linear_(copy.deepcopy(model).float(), "q4_0")
     with torch.no_grad():
         for name, p in out.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "layers" and ".".join(parts[2:4]) in LINEAR:
-                p.copy_(q4_0(p))
-            elif name == "embed_tokens.weight":
+            if name == "embed_tokens.weight":
                 p.copy_(q4_0(p) if embedding == "q4_0" else p.half().float() if embedding == "f16" else p)
             elif name.endswith("norm.weight"):
                 p.copy_((p + 1.0) - 1.0)  # the +1 round trip in float32, as the reader undoes it

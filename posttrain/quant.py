@@ -67,7 +67,25 @@ def sfp8(w: torch.Tensor) -> torch.Tensor:
 
 
 FORMATS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"q4_0": q4_0, "int4": int4, "sfp8": sfp8}
-BITS_PER_WEIGHT = {"q4_0": 4.5, "int4": 4.0, "sfp8": 8.0}  # int4 and sfp8 add one scale per row
+# the weights QAT quantizes: the seven linear weights of every decoder block (not the tied embedding,
+# the norms or a vision tower)
+LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+          "mlp.up_proj", "mlp.down_proj")
+
+
+def is_linear(name: str) -> bool:
+    """Whether a parameter name of our model (layers.<i>.self_attn.q_proj.weight, ...) is one of LINEAR."""
+    parts = name.split(".")
+    return parts[0] == "layers" and ".".join(parts[2:4]) in LINEAR and parts[-1] == "weight"
+
+
+@torch.no_grad()
+def quantize_linear_(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
+    """Replace every LINEAR weight of `model` by its quantized value in format `fmt`, in place."""
+    for name, p in model.named_parameters():
+        if is_linear(name):
+            p.copy_(FORMATS[fmt](p))
+    return model
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -87,4 +105,4 @@ def fake_quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     return _StraightThrough.apply(w, FORMATS[fmt](w))
 
 
-__all__ = ["q4_0", "int4", "sfp8", "fake_quantize", "FORMATS", "BITS_PER_WEIGHT", "Q4_0_BLOCK"]
+__all__ = ["q4_0", "int4", "sfp8", "fake_quantize", "FORMATS", "LINEAR", "is_linear", "quantize_linear_", "Q4_0_BLOCK"]

@@ -19,7 +19,7 @@ from ..config import Config
 from ..data import Example, has_images, origin, to_messages
 from ..engine import Engine, all_sum, rank, world_size
 from ..errors import UserError
-from ..images import ImageConfig, encode_chat, row_images
+from ..images import ImageConfig, encode_chat, preprocess, row_images
 from ..loader import collate
 from ..losses import sequence_logprobs
 from ..merge import ema_
@@ -68,7 +68,7 @@ class Prompts:
         return self._pixels(i) if self.with_images[i] else None
 
     def _load_pixels(self, i: int) -> torch.Tensor:
-        return self._encode(i).pixel_values
+        return preprocess(row_images(self.rows[i], origin(self.rows, i)), self.image_cfg)[0]
 
     @property
     def has_images(self) -> bool:
