@@ -1,4 +1,4 @@
-"""Post-train a Gemma 3 model: config -> distill -> warm -> policy -> export.
+"""Post-train a Gemma 3 model: config -> distill -> warm -> policy -> qat -> export.
 
     python train.py recipe=demo                                   # one process (CPU demo, real 270M)
     python train.py recipe=it_4b dry_run=true                     # plan: parameters, memory per device
@@ -121,6 +121,17 @@ def policy(cfg: Config, models: dict, tok) -> None:
     log(f"student <- {result.final}")
 
 
+def qat(cfg: Config, models: dict, tok) -> None:
+    """Quantization-aware training (posttrain/stages/qat.py); the next stages get the quantized student."""
+    from posttrain.stages.qat import run_qat
+
+    teacher = models.pop("teacher", None) if cfg.qat.teacher == "model.teacher" else None
+    result = run_qat(cfg, models["student"], tok, teacher)
+    models.setdefault("summaries", {})["qat"] = result.summary
+    models["student"] = load_model(result.final, dtype=getattr(torch, cfg.model.student.dtype))  # quantized values
+    log(f"student <- {result.final} ({cfg.qat.format} values)")
+
+
 def export(cfg: Config, models: dict, tok) -> None:
     """The student as an HF directory (config.json, safetensors, tokenizer) transformers loads."""
     out = Path(cfg.export.dir) if cfg.export.dir else cfg.out_dir / "export"
@@ -150,6 +161,9 @@ def summary_table(summaries: dict) -> str:
         s = summaries.get("policy", {}).get(part)
         if s:
             rows(f"policy/{part}", s.get("before", {}), s.get("after", {}))
+    if "qat" in summaries:  # before: post-training quantization of the same weights
+        q = summaries["qat"]
+        rows(f"qat/{q.get('format', '?')}", q.get("before", {}), q.get("after", {}))
     return "\n".join(lines) if len(lines) > 2 else ""  # no held-out metrics: no table
 
 
@@ -158,6 +172,7 @@ STAGES = {
     "distill": distill,  # posttrain/stages/distill.py
     "warm": warm,  # posttrain/stages/warm.py
     "policy": policy,  # posttrain/stages/policy.py (bond.py, warp.py, merge.py)
+    "qat": qat,  # posttrain/stages/qat.py (quant.py, gguf_export.py, int4_export.py)
     "export": export,
 }
 

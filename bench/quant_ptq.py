@@ -1,11 +1,17 @@
-"""Post-training quantization of the real Gemma 3 270M: what QAT has to beat.
+"""Post-training quantization of the real Gemma 3 270M: what QAT has to beat, and what it did.
 
     python bench/quant_ptq.py [--rows 128] [--formats q4_0 int4 sfp8]
+    python bench/quant_ptq.py --exported runs/qat/qat_demo/qat/model-q4_0.gguf runs/qat_int4/qat_demo/qat/int4
 
 Quantizes the seven linear weights of every block (the tied embedding stays float, as in Google's
 files) with posttrain.quant and compares the quantized model with the float one on held-out text (the
 bundled arithmetic_eval conversations, prompt and reply, every position): the mean per-token
 KL(float || quantized) and top-1 agreement, each with a 95 % bootstrap interval over conversations.
+
+--exported: files the qat stage wrote (a Q4_0 GGUF, or an int4 directory), each read back by our
+loaders and compared with the same format's post-training quantization of the float model, exported
+and read back the same way (so both carry the file's F16 / bf16 embedding): KL and top-1 of each,
+and the paired per-conversation difference (exported QAT - PTQ) with its 95 % bootstrap interval.
 """
 
 from __future__ import annotations
@@ -45,10 +51,51 @@ def interval(values, n_boot=2000, seed=0):
     return means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]
 
 
+def read_back(path: Path):
+    """(format, model) of an exported file: a Q4_0 GGUF or an int4 directory."""
+    from posttrain.int4_export import load_int4
+
+    if path.suffix == ".gguf":
+        return "q4_0", posttrain.load_model(path).eval()
+    return "int4", load_int4(path).eval()
+
+
+def ptq_export(ref, fmt: str, tmp: Path):
+    """The float model quantized after training, written in `fmt`'s file format and read back."""
+    from posttrain.gguf_export import write_gguf
+    from posttrain.int4_export import write_int4
+
+    if fmt == "q4_0":
+        write_gguf(ref, tmp / "ptq.gguf")
+        return read_back(tmp / "ptq.gguf")[1]
+    write_int4(ref, None, tmp / "ptq-int4")
+    return read_back(tmp / "ptq-int4")[1]
+
+
+def compare_exported(paths, ref, seqs) -> None:
+    import tempfile
+
+    print(f"{'file':44} {'KL QAT':>8} {'KL PTQ':>8} {'QAT - PTQ [95%]':>26} {'top-1 QAT':>10} {'PTQ':>7} "
+          f"{'QAT - PTQ [95%]':>24}")
+    for path in map(Path, paths):
+        fmt, model = read_back(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            base = ptq_export(ref, fmt, Path(tmp))
+        q, b = per_row(model, ref, seqs), per_row(base, ref, seqs)
+        dkl, dtop = [x[0] - y[0] for x, y in zip(q, b)], [x[1] - y[1] for x, y in zip(q, b)]
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        (k_lo, k_hi), (t_lo, t_hi) = interval(dkl), interval(dtop)
+        kq, kb = mean([x[0] for x in q]), mean([y[0] for y in b])
+        print(f"{str(path)[-44:]:44} {kq:8.4f} {kb:8.4f} {f'{mean(dkl):+.4f} [{k_lo:+.4f}, {k_hi:+.4f}]':>26} "
+              f"{mean([x[1] for x in q]):10.4f} {mean([y[1] for y in b]):7.4f} "
+              f"{f'{mean(dtop):+.4f} [{t_lo:+.4f}, {t_hi:+.4f}]':>24}   ({fmt}, KL {100 * (kq / kb - 1):+.0f} %)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    ap.add_argument("--exported", nargs="+", default=None, help="files the qat stage wrote, against PTQ")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     tok = posttrain.load_tokenizer("gemma3-270m")
@@ -57,6 +104,8 @@ def main():
     seqs = [list(tok.apply_chat_template(to_messages(r)).ids) for r in rows]
     print(f"real Gemma 3 270M, float32; {len(seqs)} held-out conversations, {sum(map(len, seqs))} positions; "
           "linear weights quantized, embedding float")
+    if args.exported:
+        return compare_exported(args.exported, ref, seqs)
     print(f"{'format':8} {'KL(float || q)':>16} {'95% interval':>22} {'top-1 agreement':>16} {'95% interval':>18}")
     for fmt in args.formats:
         scores = per_row(quantize_linear_(copy.deepcopy(ref), fmt).eval(), ref, seqs)

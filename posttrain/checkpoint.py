@@ -255,8 +255,10 @@ def save_pretrained(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .quant import effective_state_dict
+
     state = {}
-    for name, p in model.state_dict().items():
+    for name, p in effective_state_dict(model).items():  # fake-quantized weights (QAT) as quantized
         t = p.detach().to("cpu")
         state[hf_key(name, model.config.vision is not None)] = (t.to(dtype) if dtype is not None else t).contiguous()
     weight_dtype = state[hf_key("embed_tokens.weight", model.config.vision is not None)].dtype

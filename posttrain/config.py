@@ -35,7 +35,7 @@ def _recipes_dir() -> Path:
 
 
 RECIPES_DIR = _recipes_dir()
-STAGE_ORDER = ("distill", "warm", "policy", "export")
+STAGE_ORDER = ("distill", "warm", "policy", "qat", "export")
 
 PresetName = Literal[tuple(PRESETS)]  # "270m", "1b", "4b", "12b", "27b"
 Dtype = Literal["float32", "bfloat16"]
@@ -245,6 +245,29 @@ class DistillSection(Section):
         return self
 
 
+class QatSection(DistillSection):
+    """Quantization-aware training (Gemma 3 report, section 2.3): the distill loop on a student whose
+    linear weights are fake-quantized, taught by the float model's probabilities. Every distill key
+    means the same here (the targets: sampled-256 by default)."""
+
+    format: Literal["q4_0", "int4", "sfp8"] = Field(
+        "q4_0", description="q4_0: llama.cpp blocks of 32 inputs, an fp16 scale each (4.5 bits/weight, the "
+        "GGUF export); int4: one scale per output channel (the int4 safetensors export); sfp8: switched fp8, "
+        "per channel")
+    quantize_embedding: bool = Field(False, description="fake-quantize the tied embedding/head too (Google's "
+                                     "files keep it in 16 bits, the default)")
+    teacher: Literal["self", "model.teacher"] = Field(
+        "self", description="self: the student's own float weights at the start of the stage (a frozen copy); "
+        "model.teacher: the loaded teacher")
+    snap: float = Field(0.05, ge=0, lt=1, description="before training, move each linear weight this fraction of "
+                        "the way to its quantized value (the quantized start, PTQ, is unchanged): weights on a "
+                        "rounding boundary then stop flipping at the first tiny step. 0 = off")
+    export: bool = Field(True, description="write the quantized files beside the final model: model-q4_0.gguf "
+                         "(format q4_0) or int4/ (format int4), with their sizes and bits per weight")
+    steps: int = Field(5000, ge=0, description="optimizer steps (report: about 5,000)")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+
+
 class WarmSection(Section):
     members: int = Field(6, ge=1, description="M reward models, averaged uniformly (paper: 6)")
     lrs: list[float] = Field(default_factory=lambda: [1e-5, 4e-5, 1e-4], min_length=1,
@@ -427,13 +450,14 @@ class Config(Section):
                           "memory per device), then exit without loading weights")
     resume: bool = Field(False, description="continue from the checkpoints in <run_dir>/<name>/")
     stages: list[Stage] = Field(default_factory=list, description="stages to run, in pipeline order: "
-                                "distill, warm, policy, export (default none: recipes choose)")
+                                "distill, warm, policy, qat, export (default none: recipes choose)")
     model: ModelSection = Field(default_factory=ModelSection, description="models")
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="sharding")
     data: DataSection = Field(default_factory=DataSection, description="datasets and batch shapes")
     distill: DistillSection = Field(default_factory=DistillSection, description="stage: distillation")
     warm: WarmSection = Field(default_factory=WarmSection, description="stage: WARM reward models")
     policy: PolicySection = Field(default_factory=PolicySection, description="stage: J-BOND / WARP")
+    qat: QatSection = Field(default_factory=QatSection, description="stage: quantization-aware training")
     rewards: list[RewardSpec] = Field(default_factory=list, description="weighted rewards of the policy "
                                       "stage: a list of {name, weight, timeout_s, options}")
     export: ExportSection = Field(default_factory=ExportSection, description="stage: HF export")
@@ -446,6 +470,7 @@ class Config(Section):
         Checked when the config is read, so no stage finds it after the ones before it have trained."""
         needs = [("distill", "train", "a .jsonl/.json/.parquet path, a bundled dataset name or a hub dataset",
                   "data.train=arithmetic"),
+                 ("qat", "train", "text the float model's targets are computed on", "data.train=arithmetic"),
                  ("warm", "preferences", "pairs: prompt/chosen/rejected, or chosen/rejected message lists",
                   "data.preferences=arithmetic_pairs"),
                  ("policy", "prompts", "rows with a prompt and the columns its rewards read", "data.prompts=arithmetic")]
@@ -490,6 +515,9 @@ class Config(Section):
         if "distill" in self.stages and self.model.teacher is None:
             raise ValueError("stage 'distill' needs a teacher; fix: set model.teacher.source or "
                              "model.teacher.preset, or drop 'distill' from stages")
+        if "qat" in self.stages and self.qat.teacher == "model.teacher" and self.model.teacher is None:
+            raise ValueError("qat.teacher=model.teacher needs a teacher; fix: set model.teacher.source, or "
+                             "qat.teacher=self (the student's own float weights)")
         if "policy" in self.stages:
             if not self.rewards:
                 raise ValueError("stage 'policy' needs at least one reward; fix: rewards=[{name: math}]")

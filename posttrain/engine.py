@@ -106,6 +106,15 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's (picklable) object, on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -133,7 +142,7 @@ class WithHead(nn.Module):
             if image_index is not None:
                 images["image_features"] = self.model.image_features(images.pop("pixel_values"))[image_index]
             h = self.model.hidden_states(ids, positions=positions, segments=segments, **images)
-            return fn(h, self.model.embed_tokens.weight)
+            return fn(h, self.model.head_weight())  # fake-quantized under QAT's embedding option
 
 
 def _register_head(module: WithHead) -> None:

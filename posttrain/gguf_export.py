@@ -21,7 +21,7 @@ import torch
 from .errors import UserError
 from .gguf_io import _BLOCK_NAMES, _GLOBAL_NAMES, open_gguf
 from .model import Gemma3
-from .quant import is_linear, q4_0, quantize_linear_
+from .quant import effective_state_dict, is_linear, q4_0, quantize_linear_
 
 EMBEDDING_TYPES = ("f16", "f32", "q4_0")
 
@@ -79,7 +79,7 @@ def write_gguf(model: Gemma3, path: str | Path, *, embedding: str = "f16", token
     _copy_tokenizer(writer, tokenizer_from or embedded_gguf_path())
 
     names = _gguf_names()
-    state = {k: v for k, v in model.state_dict().items()
+    state = {k: v for k, v in effective_state_dict(model).items()  # QAT's quantized values, if on
              if not k.startswith(("vision_tower.", "multi_modal_projector."))}
     linear_params = linear_bytes = total_params = 0
     for key, value in state.items():

@@ -18,12 +18,28 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .norm import RMSNorm
+from .quant import fake_quantize
 from .vision import Projector, VisionConfig, VisionTower, image_blocks
 
 SLIDING = "sliding_attention"
 # our parameter names of the vision tower and the projector (multimodal models only)
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 GLOBAL = "full_attention"
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) whose forward can read its weight fake-quantized (quantization-aware
+    training): `quant` names a posttrain.quant format, None (the default) for the float weight.
+    `effective_weight()` is the weight as the forward uses it; whatever computes with the weight
+    outside the forward (the sampler, exports) reads that, so nothing silently uses the float values."""
+
+    quant: str | None = None
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight if self.quant is None else fake_quantize(self.weight, self.quant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight())
 
 
 @dataclass(frozen=True)
@@ -209,10 +225,10 @@ class Attention(nn.Module):
         self.window = None if self.is_global else cfg.sliding_window
         self.scale = cfg.query_pre_attn_scalar**-0.5
         C, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(C, H * D, bias=False)
-        self.k_proj = nn.Linear(C, K * D, bias=False)
-        self.v_proj = nn.Linear(C, K * D, bias=False)
-        self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.q_proj = Linear(C, H * D, bias=False)
+        self.k_proj = Linear(C, K * D, bias=False)
+        self.v_proj = Linear(C, K * D, bias=False)
+        self.o_proj = Linear(H * D, C, bias=False)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.rope = (cfg.rope_global_base, cfg.rope_global_scaling) if self.is_global else (cfg.rope_local_base, 1.0)
@@ -243,9 +259,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -287,6 +303,7 @@ class Gemma3(nn.Module):
             self.vision_tower = VisionTower(cfg.vision)
             self.multi_modal_projector = Projector(cfg.vision, cfg.hidden_size)
         self.activation_checkpointing = False  # recompute each block in backward to save memory
+        self.embed_quant: str | None = None  # the tied embedding/head fake-quantized (QAT); None = float
 
     @property
     def is_multimodal(self) -> bool:
@@ -305,6 +322,8 @@ class Gemma3(nn.Module):
         vision = self.config.vision
         if vision is not None and vision.image_token_id >= self.config.vocab_size:
             ids = ids.masked_fill(ids == vision.image_token_id, 0)  # a placeholder row; features replace it
+        if weight is None and self.embed_quant is not None:
+            weight = self.head_weight()
         x = self.embed_tokens(ids) if weight is None else F.embedding(ids, weight)
         # sqrt(C) is rounded to the weight dtype before multiplying, as in the reference
         # implementations: in bf16 the 270M's sqrt(640) = 25.298 becomes 25.25.
@@ -366,9 +385,14 @@ class Gemma3(nn.Module):
                 x = block(x, positions, segments, blocks)
         return self.norm(x)
 
+    def head_weight(self) -> torch.Tensor:
+        """The tied embedding/head as the model computes with it: fake-quantized under `embed_quant`."""
+        weight = self.embed_tokens.weight
+        return weight if self.embed_quant is None else fake_quantize(weight, self.embed_quant)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary projection with the tied embedding: (..., C) -> (..., V)."""
-        return F.linear(hidden, self.embed_tokens.weight)  # a GEMM on the weight as stored, no transpose copy
+        return F.linear(hidden, self.head_weight())  # a GEMM on the weight as stored, no transpose copy
 
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
@@ -459,7 +483,7 @@ def prune_layers(model: Gemma3, keep: list[int]) -> Gemma3:
 
 
 __all__ = [
-    "GemmaConfig", "PRESETS", "Gemma3", "RMSNorm", "add_vision", "build_model", "init_weights", "param_counts", "prune_layers",
+    "GemmaConfig", "PRESETS", "Gemma3", "Linear", "RMSNorm", "add_vision", "build_model", "init_weights", "param_counts", "prune_layers",
     "pruned_config",
     "SLIDING", "GLOBAL", "VISION_PREFIXES", "VisionConfig",
 ]

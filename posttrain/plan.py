@@ -15,6 +15,10 @@ kind is divided by W once the ZeRO stage shards it, and is whole below that stag
     WARM's merge, after its members: the eval-only model and M members' shards, 4P each
     not counted (a note on GPU recipes): each rank loads a model whole before the engine shards it,
         and WARM's shared init and WARP's base wait in host memory while the sharded engines train
+    QAT: the distill rows with the float teacher (the student's own frozen copy by default) and, in
+        the train step, the fake-quantized linear weights (P_linear x bytes, whole on every rank: the
+        forward keeps them for its backward; / L with activation checkpointing) plus float32
+        temporaries of quantizing the largest matrix
     EMA anchor (J-BOND, WARP) / running average (WARM):     4P, float32 because a 0.02 EMA step
         rounds away in bf16; sharded under stage 3 like the model it follows
     vision activations (multimodal models): images x (patches x L_v x (8 E + 2 I_v) + S x C) x bytes, one image
@@ -226,13 +230,31 @@ def _rollout(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
     return out
 
 
-def _distill(cfg: Config, student: ModelPlan, teacher: ModelPlan) -> StageMemory:
+def _distill(cfg: Config, student: ModelPlan, teacher: ModelPlan, section=None) -> StageMemory:
+    d = section or cfg.distill
     mem = StageMemory("student", _trained(cfg, student))
-    if not cfg.distill.cache_targets:
+    if not d.cache_targets:
         mem.rows |= _frozen(cfg, teacher, "teacher (frozen)")
     mem.train = _train_step(cfg, student, cfg.data.micro_batch_size)
-    if cfg.distill.method == "on_policy":
+    if d.method == "on_policy":
         mem.rollout = _rollout(cfg, student, cfg.data.micro_batch_size)
+    return mem
+
+
+def _qat(cfg: Config, student: ModelPlan, teacher: ModelPlan | None) -> StageMemory:
+    """The distill loop's memory with the float teacher (the student's own copy by default) and the
+    fake-quantized weights: the forward keeps each quantized matrix for its backward (whole on every
+    rank, even under ZeRO-3; one block's with activation checkpointing), plus the float32 temporaries
+    of quantizing the largest one."""
+    q, a, b = cfg.qat, student.arch, BYTES[student.dtype]
+    mem = _distill(cfg, student, student if q.teacher == "self" else teacher, q)
+    mem.trains = f"student ({q.format} fake-quantized)"
+    layers = student.counts["non_embedding"]
+    if cfg.distributed.activation_checkpointing:  # a checkpointed block quantizes again in its backward
+        layers //= a.num_layers
+    embedding = student.counts["embedding"] if q.quantize_embedding else 0
+    largest = max(a.intermediate_size * a.hidden_size, a.num_heads * a.head_dim * a.hidden_size, embedding)
+    mem.train |= {"fake-quant weights": b * (layers + embedding), "quantize temporaries": 4 * 4 * largest}
     return mem
 
 
@@ -287,6 +309,8 @@ def plan(cfg: Config) -> Plan:
         stages["warm"] = _warm(cfg, rm)
     if "policy" in cfg.stages:
         stages["policy"] = _policy(cfg, student, rm)
+    if "qat" in cfg.stages:
+        stages["qat"] = _qat(cfg, student, models.get("teacher"))
 
     for role, m in models.items():
         if role != "reward_model" and getattr(cfg.model, role).source is None:

@@ -105,4 +105,50 @@ def fake_quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     return _StraightThrough.apply(w, FORMATS[fmt](w))
 
 
-__all__ = ["q4_0", "int4", "sfp8", "fake_quantize", "FORMATS", "LINEAR", "is_linear", "quantize_linear_", "Q4_0_BLOCK"]
+def set_format(model: torch.nn.Module, fmt: str | None, *, embedding: bool = False) -> torch.nn.Module:
+    """Make `model` (a Gemma3) compute with fake-quantized LINEAR weights in format `fmt` (None: float
+    again); `embedding` quantizes the tied embedding/head too. The parameters stay float (the master
+    weights QAT trains); the forward, the sampler and save_pretrained see the quantized values."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; fix: one of {', '.join(FORMATS)}")
+    for name, module in model.named_modules():
+        if is_linear(name + ".weight"):
+            module.quant = fmt
+    model.embed_quant = fmt if embedding else None
+    return model
+
+
+@torch.no_grad()
+def snap_toward_grid_(model: torch.nn.Module, fmt: str, fraction: float) -> torch.nn.Module:
+    """Move every LINEAR weight `fraction` of the way to its quantized value, in place: w += f (q(w) - w).
+    Each weight stays in its rounding cell, so the quantized model is unchanged (PTQ is the same), but a
+    weight lying exactly on a rounding boundary (a model dequantized from another 4-bit format has many)
+    moves inside the cell it rounds to, and no longer re-rounds at the first tiny optimizer step."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"snap fraction {fraction} must be in [0, 1)")
+    if fraction:
+        for name, p in model.named_parameters():
+            if is_linear(name):
+                p.add_(FORMATS[fmt](p) - p, alpha=fraction)
+    return model
+
+
+def quantized_names(model: torch.nn.Module) -> list[str]:
+    """The parameter names whose values the model computes with quantized (set_format)."""
+    out = [name + ".weight" for name, m in model.named_modules() if getattr(m, "quant", None) is not None]
+    return (["embed_tokens.weight"] if getattr(model, "embed_quant", None) else []) + out
+
+
+@torch.no_grad()
+def effective_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() with each fake-quantized weight replaced by its quantized value: what the
+    model computes with, so an export holds the quantized model and never the float master weights."""
+    state = model.state_dict()
+    modules = dict(model.named_modules())
+    for name in quantized_names(model):
+        owner = name.rsplit(".", 1)[0]
+        state[name] = model.head_weight() if name == "embed_tokens.weight" else modules[owner].effective_weight()
+    return state
+
+
+__all__ = ["q4_0", "int4", "sfp8", "fake_quantize", "set_format", "snap_toward_grid_", "quantized_names", "effective_state_dict", "FORMATS", "LINEAR", "is_linear", "quantize_linear_", "Q4_0_BLOCK"]

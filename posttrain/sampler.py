@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .model import Gemma3, GemmaConfig, apply_rope
 from .vision import image_blocks
@@ -140,39 +141,74 @@ def _onednn_ok() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+class Weights:
+    """The weights the sampler computes with, as the model's forward uses them: each linear's
+    `effective_weight()` and the model's `head_weight()`. Float weights are the parameters themselves
+    (no copy); fake-quantized ones (QAT) are computed once per `generate` call and dropped after it,
+    so no stale or gathered copy outlives the call."""
+
+    def __init__(self, model: Gemma3):
+        self.model = model
+        self.quantized: dict[int, torch.Tensor] = {}
+        self.calls = 0  # refreshes so far: a quantized value is new at each one
+
+    def refresh(self) -> None:
+        self.quantized = {}
+        self.calls += 1
+        if self.model.embed_quant is not None:
+            self.quantized[id(self.model.embed_tokens)] = self.model.head_weight().detach()
+        for block in self.model.layers:
+            for m in (*block.self_attn.children(), *block.mlp.children()):
+                if getattr(m, "quant", None) is not None:
+                    self.quantized[id(m)] = m.effective_weight().detach()
+
+    def clear(self) -> None:
+        self.quantized = {}
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        return self.quantized.get(id(module), module.weight)
+
+    def stamp(self, module: nn.Module) -> tuple:
+        """Changes whenever the value __call__ gives may have: a parameter's storage or in-place version
+        counter (optimizer steps are in-place); a quantized value's refresh."""
+        if id(module) in self.quantized:
+            return ("quantized", self.calls)
+        return (module.weight.data_ptr(), module.weight._version)
+
+
 class PackedWeights:
-    """oneDNN-prepacked copies of a model's linear weights, for skinny CPU products (decode).
+    """oneDNN-prepacked copies of a model's linear weights (as Weights gives them), for skinny CPU
+    products (decode).
 
     Products that read the same input are packed as one matrix (q/k/v, and gate/up), so each
     layer makes 4 calls instead of 7. A group is repacked only when one of its weights changed:
-    its storage or its in-place version counter (optimizer steps are in-place), so a sampler
-    reused across RL steps stays correct.
+    its storage or its in-place version counter, so a sampler reused across RL steps stays correct.
     """
 
-    def __init__(self, model: Gemma3, rows_hint: int = 8):
-        self.model, self.rows_hint = model, rows_hint
+    def __init__(self, model: Gemma3, weights: Weights, rows_hint: int = 8):
+        self.model, self.weights, self.rows_hint = model, weights, rows_hint
         self.packed: dict[tuple[int, ...], tuple[tuple, torch.Tensor, list[int]]] = {}
 
-    def groups(self) -> list[tuple[torch.Tensor, ...]]:
-        out = [(self.model.embed_tokens.weight,)]
+    def groups(self) -> list[tuple[nn.Module, ...]]:
+        out = [(self.model.embed_tokens,)]
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
-            out += [(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), (a.o_proj.weight,),
-                    (m.gate_proj.weight, m.up_proj.weight), (m.down_proj.weight,)]
+            out += [(a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,)]
         return out
 
     def refresh(self) -> None:
         for group in self.groups():
-            key = tuple(id(w) for w in group)
-            stamp = tuple((w.data_ptr(), w._version) for w in group)
+            key = tuple(id(m) for m in group)
+            stamp = tuple(self.weights.stamp(m) for m in group)
             if key not in self.packed or self.packed[key][0] != stamp:
-                weight = torch.cat([w.detach() for w in group]) if len(group) > 1 else group[0].detach()
+                ws = [self.weights(m).detach() for m in group]
+                weight = torch.cat(ws) if len(ws) > 1 else ws[0]
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.rows_hint)
-                self.packed[key] = (stamp, packed, [w.shape[0] for w in group])
+                self.packed[key] = (stamp, packed, [w.shape[0] for w in ws])
 
-    def linear(self, group: tuple[torch.Tensor, ...], x: torch.Tensor) -> list[torch.Tensor]:
-        """x (N, in) times each weight of the group -> [(N, out_i)], one packed product."""
-        _, packed, sizes = self.packed[tuple(id(w) for w in group)]
+    def linear(self, group: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+        """x (N, in) times each module's weight -> [(N, out_i)], one packed product."""
+        _, packed, sizes = self.packed[tuple(id(m) for m in group)]
         y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
 
@@ -190,7 +226,8 @@ class Sampler:
         if pack_weights is None:  # auto: CPU float32/bfloat16 with oneDNN, and not the compiled path
             pack_weights = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
                             and not compile_decode and _onednn_ok())
-        self.packed = PackedWeights(model) if pack_weights else None
+        self.weights = Weights(model)
+        self.packed = PackedWeights(model, self.weights) if pack_weights else None
         self._decode = self._decode_step
         if compile_decode:
             mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
@@ -221,6 +258,7 @@ class Sampler:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
+        self.weights.refresh()
         if self.packed is not None:
             self.packed.refresh()
         rows = len(prompts) * n
@@ -261,6 +299,7 @@ class Sampler:
             logits = self._decode(cache, token, pos).float()
             pos = pos + 1
 
+        self.weights.clear()
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
         lengths, stopped = lengths.tolist(), stopped.tolist()
         out = []
@@ -305,18 +344,18 @@ class Sampler:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, C) -> (R, V). Same product as model.logits, laid out as W @ h^T: with a 262k-row
         weight and few rows of h, MKL runs this form up to 2x faster on CPU (bench/sampler.py)."""
-        return (self.model.embed_tokens.weight @ hidden.T).T
+        return (self.weights(self.model.embed_tokens) @ hidden.T).T
 
-    def _linear(self, *weights: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
-        """x (N, in) times each weight -> [(N, out_i)]: one packed oneDNN product on CPU, else F.linear."""
+    def _linear(self, *modules: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (N, in) times each module's weight -> [(N, out_i)]: one packed oneDNN product on CPU, else F.linear."""
         if self.packed is not None:
-            return self.packed.linear(weights, x)
-        return [F.linear(x, w) for w in weights]
+            return self.packed.linear(modules, x)
+        return [F.linear(x, self.weights(m)) for m in modules]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (N, C) -> logits (N, V)."""
         if self.packed is not None:
-            return self._linear(self.model.embed_tokens.weight, x=hidden)[0]
+            return self._linear(self.model.embed_tokens, x=hidden)[0]
         return self._logits(hidden)
 
     def _qkv(self, attn, h: torch.Tensor, positions: torch.Tensor):
@@ -326,7 +365,7 @@ class Sampler:
         projections can run on packed weights."""
         B, T = positions.shape
         H, K, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q, k, v = self._linear(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, x=h)
+        q, k, v = self._linear(attn.q_proj, attn.k_proj, attn.v_proj, x=h)
         q = q.reshape(B, T, H, D).transpose(1, 2)
         k = k.reshape(B, T, K, D).transpose(1, 2)
         v = v.reshape(B, T, K, D).transpose(1, 2)
@@ -337,10 +376,10 @@ class Sampler:
     def _block_tail(self, block, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Everything in a block after attention, on flattened tokens: x (N, C), attn_out (N, H*D)."""
         mlp = block.mlp
-        x = x + block.post_attention_layernorm(self._linear(block.self_attn.o_proj.weight, x=attn_out)[0])
-        gate, up = self._linear(mlp.gate_proj.weight, mlp.up_proj.weight, x=block.pre_feedforward_layernorm(x))
+        x = x + block.post_attention_layernorm(self._linear(block.self_attn.o_proj, x=attn_out)[0])
+        gate, up = self._linear(mlp.gate_proj, mlp.up_proj, x=block.pre_feedforward_layernorm(x))
         gated = F.gelu(gate, approximate="tanh") * up
-        return x + block.post_feedforward_layernorm(self._linear(mlp.down_proj.weight, x=gated)[0])
+        return x + block.post_feedforward_layernorm(self._linear(mlp.down_proj, x=gated)[0])
 
     def _chunks(self, blocks: torch.Tensor | None, T: int) -> list[tuple[int, int]]:
         """Prefill chunks [s, e) of about prefill_chunk tokens; an image block is never split, so its
@@ -365,12 +404,12 @@ class Sampler:
         if features is not None:
             blocks = image_blocks((ids == self.cfg.vision.image_token_id).long()[None])[0]  # (T,)
             embedded = self.model.embed_inputs(ids[None], image_features=features,
-                                               weight=self.model.embed_tokens.weight)[0]  # (T, C)
+                                               weight=self.weights(self.model.embed_tokens))[0]  # (T, C)
         for s, e in self._chunks(blocks, ids.shape[0]):
             qpos = torch.arange(s, e, device=device)
             ring_pos = cache.slot_pos[row]  # (ring,) positions held before this chunk
             keep = qpos[-ring:]  # the chunk positions that stay in the ring afterwards
-            x = self.model.embed(ids[s:e], self.model.embed_tokens.weight) if embedded is None \
+            x = self.model.embed(ids[s:e], self.weights(self.model.embed_tokens)) if embedded is None \
                 else embedded[s:e]  # (Tc, C)
             same_image = None
             if blocks is not None:  # (Tc, Tc): the chunk's image tokens see their whole image
@@ -417,7 +456,7 @@ class Sampler:
         global_mask = (kpos[None, :] <= pos[:, None])[:, None, None]  # (R, 1, 1, used)
         sp = cache.slot_pos
         sliding_mask = ((sp > (pos[:, None] - W)) & (sp >= 0))[:, None, None]  # (R, 1, 1, ring)
-        x = self.model.embed(token, self.model.embed_tokens.weight)  # (R, C)
+        x = self.model.embed(token, self.weights(self.model.embed_tokens))  # (R, C)
         for layer, block in enumerate(self.model.layers):
             attn = block.self_attn
             q, k, v = self._qkv(attn, block.input_layernorm(x), pos[:, None])  # (R, H|K, 1, D)

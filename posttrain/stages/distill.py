@@ -25,13 +25,14 @@ from __future__ import annotations
 import resource
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..config import Config
 from ..data import Example, has_images, load_rows, to_messages, tokenize_rows
-from ..engine import Engine, Frozen, all_sum, rank, world_size
+from ..engine import Engine, Frozen, all_sum, broadcast_object, rank, world_size
 from ..errors import UserError
 from ..images import image_config
 from ..loader import Batch, DataLoader, collate
@@ -208,12 +209,17 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
-def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_dir: Path | None = None) -> StageResult:
+def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_dir: Path | None = None, *,
+                stage: str = "distill", exports: Callable[[Gemma3], dict] | None = None) -> StageResult:
     """Train the student on the teacher's distribution; returns <stage dir>/final and the summary
-    (also <stage dir>/summary.json)."""
+    (also <stage dir>/summary.json).
+
+    stage: the name in logs, the tracker and seeds (the qat stage runs this loop as "qat").
+    exports: called on rank 0 with the trained model (whole weights) before the final is written; what
+    it returns goes into the summary under "exports" (the qat stage's GGUF and int4 files)."""
     d, data_cfg = cfg.distill, cfg.data
-    out_dir = Path(out_dir or cfg.out_dir / "distill")
-    if (summary := finished(cfg, out_dir, d.steps, "stage distill")) is not None:
+    out_dir = Path(out_dir or cfg.out_dir / stage)
+    if (summary := finished(cfg, out_dir, d.steps, f"stage {stage}")) is not None:
         return StageResult(out_dir / "final", summary)
     context = read_context(d.teacher_context)
     on_policy = d.method == "on_policy"
@@ -225,7 +231,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     s_ex, t_ex = paired_examples(rows, tok, data_cfg.max_seq_len, context, data_cfg.truncation,
                                  with_reply=not on_policy, images=images)
     if on_policy and any(e.pixel_values is not None for e in s_ex):
-        raise UserError("distill.method=on_policy does not take image prompts yet; fix: method=sampled or topk")
+        raise UserError(f"{stage}.method=on_policy does not take image prompts yet; fix: method=sampled or topk")
     loader = DataLoader(s_ex, batch_size=data_cfg.micro_batch_size, max_seq_len=data_cfg.max_seq_len,
                         pad_id=tok.pad_id, seed=cfg.seed, packing=data_cfg.packing and not on_policy,
                         rank=rank(), world_size=world_size())
@@ -245,7 +251,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     start, extra = engine.resume() if cfg.resume else (0, None)
     if extra:
         loader.load_state_dict(extra["loader"])
-    tracker = Tracker(cfg.tracking, out_dir, config=cfg.model_dump(), name=f"{cfg.name}-distill", group=cfg.name)
+    tracker = Tracker(cfg.tracking, out_dir, config=cfg.model_dump(), name=f"{cfg.name}-{stage}", group=cfg.name)
     chunk = data_cfg.loss_chunk_tokens
 
     def held_out() -> dict:
@@ -259,7 +265,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         before = held_out()
         tracker.log(before, step=start)
         if rank() == 0:
-            print(f"distill: held-out before: KL {before['eval/kl']:.4f}, top-1 {before['eval/top1']:.3f}")
+            print(f"{stage}: held-out before: KL {before['eval/kl']:.4f}, top-1 {before['eval/top1']:.3f}")
 
     accum = data_cfg.grad_accum
 
@@ -268,7 +274,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         micro = [next(loader).to(engine.device) for _ in range(accum)]
         if on_policy:
             pairs = [on_policy_batch(engine, s_ex, t_ex, b, cfg, tok,
-                                     seed=derive_seed(cfg.seed, "distill/on_policy", (step * accum + m) * world_size() + rank()))
+                                     seed=derive_seed(cfg.seed, f"{stage}/on_policy", (step * accum + m) * world_size() + rank()))
                      for m, b in enumerate(micro)]
         else:
             pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id).to(teacher.device))
@@ -287,7 +293,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
                 # Keyed by the global micro-batch number (the loader's order), not by rank or accumulation
                 # slot: W ranks x G accumulation steps draw the same targets as 1 rank x W*G.
                 global_batch = (step * accum + m) * world_size() + rank()
-                ids, values = targets_for(teacher, tb, cfg, _generator(derive_seed(cfg.seed, "distill/targets", global_batch), teacher.device))
+                ids, values = targets_for(teacher, tb, cfg, _generator(derive_seed(cfg.seed, f"{stage}/targets", global_batch), teacher.device))
             loss = engine.module(student_loss(cfg, sb, ids, values, normalizer), sb.ids, sb.positions, sb.segments,
                                  **sb.images)
             engine.backward(loss)
@@ -299,7 +305,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
                 "tokens_per_s": seen_total / seconds, "loss_tokens": tokens_total, "step_seconds": seconds,
                 "memory_gb": _peak_memory_gb(), "state_gb": engine.held_state_bytes() / 2**30}
 
-    loop = StepLoop("distill", engine, tracker, cfg, d.steps, eval_every=d.eval_every,
+    loop = StepLoop(stage, engine, tracker, cfg, d.steps, eval_every=d.eval_every,
                     evaluate=held_out if eval_s else None,
                     state=lambda: {"loader": loader.state_dict(), "before": before})
     last = loop.run(step_fn, start)
@@ -311,10 +317,14 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         tracker.log(after, step=d.steps)
     summary = {"steps": d.steps, "method": d.method, "final_loss": last.get("loss"),
                "before": before, "after": after}
+    if exports is not None:
+        with engine.full_weights() as model:
+            written = exports(model) if rank() == 0 else None
+        summary["exports"] = broadcast_object(written)
     engine.export_final(tok, out_dir / "final", summary)  # and <stage dir>/summary.json
     finish(engine, out_dir, d.steps, summary, state={"loader": loader.state_dict(), "before": before})
     if rank() == 0 and after:
-        print(f"distill: held-out after {d.steps} steps: KL {before['eval/kl']:.4f} -> {after['eval/kl']:.4f}, "
+        print(f"{stage}: held-out after {d.steps} steps: KL {before['eval/kl']:.4f} -> {after['eval/kl']:.4f}, "
               f"top-1 {before['eval/top1']:.3f} -> {after['eval/top1']:.3f}")
     tracker.finish()
     engine.close()
