@@ -2,6 +2,7 @@
 
     python bench/quant_ptq.py [--rows 128] [--formats q4_0 int4 sfp8]
     python bench/quant_ptq.py --exported runs/qat/qat_demo/qat/model-q4_0.gguf runs/qat_int4/qat_demo/qat/int4
+    python bench/quant_ptq.py --exported ... --positions replies     # only what the qat stage trains
 
 Quantizes the seven linear weights of every block (the tied embedding stays float, as in Google's
 files) with posttrain.quant and compares the quantized model with the float one on held-out text (the
@@ -34,11 +35,13 @@ from posttrain.quant import FORMATS, quantize_linear_  # noqa: E402
 
 @torch.no_grad()
 def per_row(model, ref, seqs):
-    """(KL, top-1 agreement) per conversation, averaged over its positions."""
+    """(KL, top-1 agreement) per conversation, averaged over its positions (seqs: (ids, positions or None))."""
     out = []
-    for ids in seqs:
+    for ids, where in seqs:
         x = torch.tensor([ids])
         lp, lq = torch.log_softmax(ref(x)[0].double(), -1), torch.log_softmax(model(x)[0].double(), -1)
+        if where is not None:
+            lp, lq = lp[where], lq[where]
         kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
         top1 = (lp.argmax(-1) == lq.argmax(-1)).double().mean().item()
         out.append((kl, top1))
@@ -96,13 +99,22 @@ def main():
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     ap.add_argument("--exported", nargs="+", default=None, help="files the qat stage wrote, against PTQ")
+    ap.add_argument("--positions", choices=["all", "replies"], default="all",
+                    help="replies: only the positions that predict a reply token (what the qat stage trains "
+                    "and its held-out evaluation scores)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     tok = posttrain.load_tokenizer("gemma3-270m")
     ref = posttrain.load_model("gemma3-270m").eval()
     rows = data.load("arithmetic_eval")[: args.rows]
-    seqs = [list(tok.apply_chat_template(to_messages(r)).ids) for r in rows]
-    print(f"real Gemma 3 270M, float32; {len(seqs)} held-out conversations, {sum(map(len, seqs))} positions; "
+    seqs = []
+    for r in rows:
+        enc = tok.apply_chat_template(to_messages(r))
+        ids, mask = list(enc.ids), list(enc.loss_mask)
+        where = [j - 1 for j in range(1, len(ids)) if mask[j]] if args.positions == "replies" else None
+        seqs.append((ids, where))
+    count = sum(len(ids) if w is None else len(w) for ids, w in seqs)
+    print(f"real Gemma 3 270M, float32; {len(seqs)} held-out conversations, {count} positions ({args.positions}); "
           "linear weights quantized, embedding float")
     if args.exported:
         return compare_exported(args.exported, ref, seqs)

@@ -70,14 +70,14 @@ def read_context(value: str | None) -> str | None:
 
 
 def paired_examples(rows: list[dict], tok, max_seq_len: int, context: str | None, truncation: str = "drop",
-                    with_reply: bool = True, images=None) -> tuple[list[Example], list[Example]]:
+                    with_reply: bool = True, images=None, stage: str = "distill") -> tuple[list[Example], list[Example]]:
     """Student and teacher examples of the same rows (data.tokenize_rows with the teacher's view); with
     images (images.ImageConfig), teacher and student examples hold the same pixels."""
     students = tokenize_rows(rows, tok, max_seq_len, truncation, require_reply=with_reply,
                              teacher=lambda row: teacher_messages(row, context, with_reply), key="data.max_seq_len",
                              images=images)
     if students.dropped and rank() == 0:
-        print(f"distill: dropped {students.dropped} of {len(rows)} rows longer than data.max_seq_len={max_seq_len}")
+        print(f"{stage}: dropped {students.dropped} of {len(rows)} rows longer than data.max_seq_len={max_seq_len}")
     return students, students.paired
 
 
@@ -229,7 +229,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
         raise UserError("data.train has images but the teacher is a text-only model; fix: a multimodal teacher "
                         "(teacher and student must see the same pixels), or text-only data")
     s_ex, t_ex = paired_examples(rows, tok, data_cfg.max_seq_len, context, data_cfg.truncation,
-                                 with_reply=not on_policy, images=images)
+                                 with_reply=not on_policy, images=images, stage=stage)
     if on_policy and any(e.pixel_values is not None for e in s_ex):
         raise UserError(f"{stage}.method=on_policy does not take image prompts yet; fix: method=sampled or topk")
     loader = DataLoader(s_ex, batch_size=data_cfg.micro_batch_size, max_seq_len=data_cfg.max_seq_len,
@@ -238,7 +238,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     eval_s, eval_t = [], []
     if data_cfg.eval:
         e_s, e_t = paired_examples(load_split(data_cfg.eval, "data.eval"), tok, data_cfg.max_seq_len, context,
-                                   data_cfg.truncation, images=images)
+                                   data_cfg.truncation, images=images, stage=stage)
         eval_s, eval_t = eval_batches(e_s, e_t, cfg, tok.pad_id)
 
     engine = Engine(student, cfg, lr=d.lr, steps=d.steps, warmup_steps=d.warmup_steps, out_dir=out_dir)
