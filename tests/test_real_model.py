@@ -84,3 +84,13 @@ def test_loading_from_gguf_file_equals_embedded(ours):
     ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])
     with torch.no_grad():
         assert torch.equal(direct(ids), ours(ids))
+
+
+def test_logits_match_at_positions_up_to_32767(ours, hf_gguf):
+    """The 270M's longest context: 600 tokens (past the 512 window) ending at position 32,767."""
+    ids = torch.randint(3, 50_000, (1, 600), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(32_768 - 600, 32_768)[None]
+    with torch.no_grad():
+        diff = (ours(ids, positions=positions) - hf_gguf(ids, position_ids=positions).logits).abs().max().item()
+    print(f"max abs logit difference at positions 32,168..32,767: {diff:.2e}")
+    assert diff <= 1e-3
