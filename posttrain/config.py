@@ -149,6 +149,9 @@ class DistributedSection(Section):
                             "(memory estimate of the dry run); default: $WORLD_SIZE, else 1. The real "
                             "run uses the process group torchrun gives it")
     nodes: int = Field(1, ge=1, description="machines in the planned job (world_size / nodes devices each)")
+    sequence_parallel: int = Field(1, ge=1, description="Ulysses sequence parallelism: split each sequence "
+                                   "over this many ranks (attention all-to-alls heads for tokens); must divide "
+                                   "the world size. 1 turns it off")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: keep optimizer states (and the "
                                     "update) in CPU memory; needs zero_stage >= 1")
     activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass: "
@@ -179,6 +182,9 @@ class DistributedSection(Section):
         if self.world_size % self.nodes:
             raise ValueError(f"distributed.world_size ({self.world_size}) must be divisible by "
                              f"distributed.nodes ({self.nodes})")
+        if self.world_size % self.sequence_parallel:
+            raise ValueError(f"distributed.sequence_parallel ({self.sequence_parallel}) must divide "
+                             f"distributed.world_size ({self.world_size}); e.g. sequence_parallel=2 on 2 or 4 ranks")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
