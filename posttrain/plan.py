@@ -23,7 +23,8 @@ kind is divided by W once the ZeRO stage shards it, and is whole below that stag
         rounds away in bf16; sharded under stage 3 like the model it follows
     vision activations (multimodal models): images x (patches x L_v x (8 E + 2 I_v) + S x C) x bytes, one image
         per row (per prompt in the policy stage; x 5 with Pan & Scan), L_v = 1 while the tower is frozen
-    activations of one micro-batch (not sharded): rows x T x L x a x bytes(dtype), where
+    activations of one micro-batch (not sharded): rows x T x L x a x bytes(dtype), with T / N tokens
+        under sequence parallelism of degree N (each rank holds its shard of the sequence), where
         a = 8 C + 4 I + 3 H D + 3 K D values per token per layer (block inputs, norms, q/k/v,
         attention output, the gated MLP's three I-wide tensors), or with activation
         checkpointing a = C per layer plus one full layer
@@ -50,6 +51,7 @@ from .config import Config, ModelSpec
 from .embedded import EMBEDDED_NAME
 from .errors import UserError
 from .model import pruned_config, PRESETS, GemmaConfig, param_counts
+from .sampler import kv_cache_bytes
 from .vision import param_count
 
 GiB = 1024**3
@@ -194,15 +196,23 @@ def _frozen(cfg: Config, m: ModelPlan, label: str, dtype: str | None = None) -> 
     return {label: BYTES[dtype or m.dtype] * m.counts["total"] // _shard(cfg, 3)}
 
 
-def _train_step(cfg: Config, m: ModelPlan, rows: int, images: int | None = None) -> dict[str, int]:
-    a, T, b = m.arch, cfg.data.max_seq_len, BYTES[m.dtype]
+def activation_bytes(a: GemmaConfig, tokens: int, bytes_per_value: int, checkpointing: bool) -> int:
+    """Activations the backward keeps for `tokens` tokens (the formula in the module docstring)."""
     layer = 8 * a.hidden_size + 4 * a.intermediate_size + 3 * (a.num_heads + a.num_kv_heads) * a.head_dim
-    if cfg.distributed.activation_checkpointing:
-        per_token = a.num_layers * a.hidden_size + layer
-    else:
-        per_token = a.num_layers * layer
+    per_token = a.num_layers * a.hidden_size + layer if checkpointing else a.num_layers * layer
+    return tokens * per_token * bytes_per_value
+
+
+def local_tokens(cfg: Config) -> int:
+    """Tokens of one sequence on one rank: max_seq_len, split over the sequence-parallel ranks."""
+    return -(-cfg.data.max_seq_len // cfg.distributed.sequence_parallel)
+
+
+def _train_step(cfg: Config, m: ModelPlan, rows: int, images: int | None = None) -> dict[str, int]:
+    a, T, b = m.arch, local_tokens(cfg), BYTES[m.dtype]
     chunk = min(cfg.data.loss_chunk_tokens, rows * T)
-    out = {"activations": rows * T * per_token * b, "logits chunk": chunk * a.vocab_size * 4 * LOGIT_COPIES}
+    out = {"activations": activation_bytes(a, rows * T, b, cfg.distributed.activation_checkpointing),
+           "logits chunk": chunk * a.vocab_size * 4 * LOGIT_COPIES}
     if a.vision is not None:
         out["vision activations"] = _vision_activations(cfg, m, rows if images is None else images)
     return out
@@ -329,6 +339,12 @@ def plan(cfg: Config) -> Plan:
         notes.append(f"whole models: each rank loads a model whole onto its device before the engine shards it "
                      f"(up to {_gib(whole)} GiB for a moment), and WARM's shared init and WARP's base wait in host "
                      f"memory while the sharded engines train ({_gib(whole)} GiB of host memory per rank)")
+    if cfg.data.max_seq_len > 32_768:
+        T = cfg.data.max_seq_len
+        notes.append(f"long context: one {T:,}-token sequence's bf16 KV cache is {_gib(kv_cache_bytes(student.arch, T))} "
+                     f"GiB with the 5:1 local/global layers ({_gib(kv_cache_bytes(student.arch, T, ring=False))} GiB "
+                     "if every layer were global); `python -m posttrain.plan_long` tabulates sizes and "
+                     "sequence-parallel degrees")
     if cfg.distributed.offload_optimizer:
         notes.append("offload_optimizer: Adam states need host memory: "
                      f"{_gib(12 * student.counts['total'] // cfg.distributed.world_size)} GiB per device")
@@ -354,11 +370,13 @@ def format_plan(p: Plan) -> str:
     cfg, d = p.cfg, p.cfg.distributed
     lines = [f"plan for '{cfg.name}': stages {', '.join(cfg.stages) or '(none)'}"]
     T, mb = cfg.data.max_seq_len, cfg.data.micro_batch_size
-    per_step = mb * cfg.data.grad_accum * d.world_size
+    replicas = d.world_size // d.sequence_parallel  # data-parallel replicas: a sequence spans sequence_parallel ranks
+    per_step = mb * cfg.data.grad_accum * replicas
     lines.append(f"  {d.world_size} device(s) on {d.nodes} node(s), ZeRO stage {d.zero_stage}"
                  f"{', optimizer offload' if d.offload_optimizer else ''}"
-                 f"{', activation checkpointing' if d.activation_checkpointing else ''}; "
-                 f"batch {mb} x {T} tokens x grad_accum {cfg.data.grad_accum} x {d.world_size} = "
+                 f"{', activation checkpointing' if d.activation_checkpointing else ''}"
+                 f"{f', sequence parallel {d.sequence_parallel}' if d.sequence_parallel > 1 else ''}; "
+                 f"batch {mb} x {T} tokens x grad_accum {cfg.data.grad_accum} x {replicas} replica(s) = "
                  f"{per_step} sequences ({per_step * T:,} tokens) per step")
     lines += ["", "models"]
     header = (f"  {'role':<13}{'params':>10}{'non-emb':>10}{'vision':>9}{'vocab':>8}{'layers':>7}{'hidden':>7}  "

@@ -154,7 +154,7 @@ def test_malformed_arguments():
 def test_unknown_recipe_lists_available():
     msg = error_of(["recipe=it_4x"])
     assert "unknown recipe 'it_4x' (did you mean 'it_4b'?)" in msg
-    assert "demo, it_12b, it_1b, it_270m, it_27b, it_4b, qat_12b, qat_1b, qat_270m, qat_27b, qat_4b, qat_demo, smoke" in msg
+    assert "demo, it_12b, it_1b, it_270m, it_27b, it_4b, it_4b_128k, qat_12b, qat_1b, qat_270m, qat_27b, qat_4b, qat_demo, smoke" in msg
 
 
 def test_base_inheritance_merges_and_detects_loops(tmp_path):

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
-RECIPES = ["demo", "it_12b", "it_1b", "it_270m", "it_27b", "it_4b", "qat_12b", "qat_1b", "qat_270m", "qat_27b", "qat_4b",
+RECIPES = ["demo", "it_12b", "it_1b", "it_270m", "it_27b", "it_4b", "it_4b_128k", "qat_12b", "qat_1b", "qat_270m", "qat_27b", "qat_4b",
            "qat_demo", "smoke", "vision_demo"]
 
 
