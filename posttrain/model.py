@@ -238,6 +238,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.rope = (cfg.rope_global_base, cfg.rope_global_scaling) if self.is_global else (cfg.rope_local_base, 1.0)
         self.register_buffer("inv_freq", rope_inv_freq(D, *self.rope), persistent=False)
+        # None: causal_attention. Set by sequence_parallel.apply to its Ulysses adapter (same signature).
+        self.sequence_parallel = None
 
     def reset_rope(self, device: torch.device | str) -> None:
         """Recompute the RoPE table, e.g. after weights were assigned into a meta-device build."""
@@ -257,7 +259,8 @@ class Attention(nn.Module):
                 blocks: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x, positions)
-        y = causal_attention(q, k, v, scale=self.scale, window=self.window, segments=segments, blocks=blocks)
+        attend = causal_attention if self.sequence_parallel is None else self.sequence_parallel
+        y = attend(q, k, v, scale=self.scale, window=self.window, segments=segments, blocks=blocks)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -372,6 +375,8 @@ class Gemma3(nn.Module):
         (row by row); or image_features (N, S, C), already projected.
         token_type_ids (B, T): 1 at image tokens, 0 elsewhere (transformers' meaning): the tokens of
         one image attend to each other both ways. Default with images: taken from the image token id.
+        Under sequence parallelism (sequence_parallel.apply) ids and positions are this rank's shard of T,
+        segments and token_type_ids the full rows.
         """
         B, T = ids.shape
         if positions is None:
