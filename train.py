@@ -232,6 +232,9 @@ def run_locked(cfg: Config) -> int:
         return 0
     if problems := cfg.missing_data() + unresolved:
         raise UserError("\n".join(problems))
+    from posttrain.sequence_parallel import check_trainable
+
+    check_trainable(cfg)  # before any weights load
 
     # 3. process group (torchrun's, or a world of one), models and tokenizer
     from posttrain.engine import init_distributed

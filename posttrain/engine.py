@@ -319,6 +319,9 @@ class Engine(Held):
         module whose `.model` (or itself) is trained as given, e.g. a reward model."""
         import deepspeed
 
+        from .sequence_parallel import check_trainable
+
+        check_trainable(cfg, [f"the engine of {Path(out_dir).name}"])  # library callers of any stage, too
         self.cfg, self.steps, self.out_dir = cfg, steps, Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         backbone = model if isinstance(model, Gemma3) else getattr(model, "backbone", None)

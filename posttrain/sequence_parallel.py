@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
 from .model import Gemma3, causal_attention
 
 # (B, T) inputs that stay whole on every rank: attention masks the full sequence after the exchange.
@@ -142,6 +143,21 @@ def _local_attention(q, k, v, *, scale, window, segments, blocks):
     return out.transpose(1, 2)
 
 
+TRAINED_STAGES = ("distill", "warm", "policy", "qat")
+
+
+def check_trainable(cfg, trained: list[str] | None = None) -> None:
+    """Raise UserError if distributed.sequence_parallel > 1 would reach training: the model and this module
+    support it, no stage's data path shards its batches yet. trained: what is about to train (default: the
+    trained stages among cfg.stages)."""
+    n = cfg.distributed.sequence_parallel
+    trained = [s for s in cfg.stages if s in TRAINED_STAGES] if trained is None else trained
+    if n > 1 and trained:
+        raise UserError(f"distributed.sequence_parallel={n} (Ulysses) is supported by the model "
+                        "(posttrain/sequence_parallel.py) only, not yet by the training stages "
+                        f"({', '.join(trained)}); fix: set distributed.sequence_parallel=1")
+
+
 def apply(model: Gemma3, group: dist.ProcessGroup | None) -> Gemma3:
     """Route every decoder layer's attention through Ulysses over `group` (None: back to single-rank).
     Afterwards the model expects sharded ids/positions and FULL segments/token_type_ids (see shard())."""
@@ -153,4 +169,4 @@ def apply(model: Gemma3, group: dist.ProcessGroup | None) -> Gemma3:
 
 
 __all__ = ["FULL_KEYS", "new_group", "size", "shard", "gather", "token_mean", "kv_repeat", "UlyssesAttention",
-           "apply"]
+           "TRAINED_STAGES", "check_trainable", "apply"]

@@ -26,6 +26,19 @@ def test_kv_repeat_and_head_checks():
         kv_repeat(3, 1, 2)
 
 
+def test_training_stages_refuse_it_until_wired():
+    from posttrain.errors import UserError
+    from posttrain.recipe import load_config
+    from posttrain.sequence_parallel import check_trainable
+
+    cfg = load_config(["recipe=it_4b_128k"])
+    assert cfg.distributed.sequence_parallel == 8
+    with pytest.raises(UserError, match=r"sequence_parallel=8 .*\(distill\); fix: set distributed.sequence_parallel=1"):
+        check_trainable(cfg)
+    check_trainable(load_config(["recipe=it_4b_128k", "distributed.sequence_parallel=1"]))
+    check_trainable(load_config(["recipe=it_4b_128k", "stages=[export]"]))
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "SP_OUT": str(tmp_path)}
