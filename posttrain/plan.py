@@ -233,8 +233,7 @@ def _vision_activations(cfg: Config, m: ModelPlan, images: int) -> int:
 
 def _rollout(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
     a, T, b = m.arch, cfg.data.max_seq_len, BYTES[m.dtype]
-    kv = a.kv_bytes_per_token(b)
-    out = {"KV cache": rows * (kv["global"] * T + kv["sliding"] * min(a.sliding_window, T))}
+    out = {"KV cache": kv_cache_bytes(a, T, rows, b)}
     if cfg.distributed.zero_stage == 3:
         out["gathered weights"] = b * m.counts["total"]
     return out
