@@ -314,14 +314,17 @@ class Engine(Held):
     """The trained model under DeepSpeed, with its optimizer, LR schedule and checkpoints."""
 
     def __init__(self, model: Gemma3 | nn.Module, cfg: Config, *, lr: float, steps: int, warmup_steps: int,
-                 out_dir: Path, grad_accum: int | None = None):
+                 out_dir: Path, grad_accum: int | None = None, shards_sequences: bool = False):
         """model: a Gemma3 (wrapped in WithHead: the engine's forward is fn(hidden, head_weight)), or any
-        module whose `.model` (or itself) is trained as given, e.g. a reward model."""
+        module whose `.model` (or itself) is trained as given, e.g. a reward model.
+        shards_sequences: the caller feeds sequence-parallel shards (distributed.sequence_parallel > 1 is
+        refused otherwise)."""
         import deepspeed
 
         from .sequence_parallel import check_trainable
 
-        check_trainable(cfg, [f"the engine of {Path(out_dir).name}"])  # library callers of any stage, too
+        if not shards_sequences:  # library callers of any stage, too
+            check_trainable(cfg, [f"the engine of {Path(out_dir).name}"])
         self.cfg, self.steps, self.out_dir = cfg, steps, Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         backbone = model if isinstance(model, Gemma3) else getattr(model, "backbone", None)

@@ -50,13 +50,13 @@ FULL_KEYS = ("segments", "token_type_ids")
 
 def new_group(size: int) -> dist.ProcessGroup | None:
     """This rank's SP group: ranks [0, size), [size, 2 size), ... Every rank must call it (collective).
-    None when size is 1 (no sequence parallelism)."""
+    None when size is 1 (no sequence parallelism; then no process group is needed)."""
+    if size == 1:
+        return None
     world = dist.get_world_size()
     if size < 1 or world % size:
         raise ValueError(f"distributed.sequence_parallel ({size}) must divide the world size ({world}); "
                          "fix: set it to a divisor, e.g. 1 or 2 on 2 ranks")
-    if size == 1:
-        return None
     mine = None
     for start in range(0, world, size):
         group = dist.new_group(list(range(start, start + size)))
@@ -143,19 +143,74 @@ def _local_attention(q, k, v, *, scale, window, segments, blocks):
     return out.transpose(1, 2)
 
 
-TRAINED_STAGES = ("distill", "warm", "policy", "qat")
+# Trained stages whose data path shards its batches (run_distill: data-parallel rows, shard_batch, shard
+# targets), and those that do not yet.
+SHARDED_STAGES = ("distill",)
+UNSHARDED_STAGES = ("warm", "policy", "qat")
 
 
 def check_trainable(cfg, trained: list[str] | None = None) -> None:
-    """Raise UserError if distributed.sequence_parallel > 1 would reach training: the model and this module
-    support it, no stage's data path shards its batches yet. trained: what is about to train (default: the
-    trained stages among cfg.stages)."""
+    """Raise UserError if distributed.sequence_parallel > 1 would reach a stage that does not shard its
+    batches. trained: what is about to train (default: the trained stages among cfg.stages)."""
     n = cfg.distributed.sequence_parallel
-    trained = [s for s in cfg.stages if s in TRAINED_STAGES] if trained is None else trained
+    trained = [s for s in cfg.stages if s in UNSHARDED_STAGES] if trained is None else trained
     if n > 1 and trained:
-        raise UserError(f"distributed.sequence_parallel={n} (Ulysses) is supported by the model "
-                        "(posttrain/sequence_parallel.py) only, not yet by the training stages "
-                        f"({', '.join(trained)}); fix: set distributed.sequence_parallel=1")
+        raise UserError(f"distributed.sequence_parallel={n} (Ulysses) is supported by the distill stage only, "
+                        f"not yet by {', '.join(trained)}; fix: set distributed.sequence_parallel=1 for "
+                        "this run, or train only the distill stage with it (stages=[distill, export])")
+
+
+def check_distill(cfg, section, stage: str, has_images: bool) -> None:
+    """Raise UserError for distill settings the sharded data path does not cover yet (sequence_parallel > 1)."""
+    n = cfg.distributed.sequence_parallel
+    if n == 1:
+        return
+    refused = [(section.method == "on_policy", f"{stage}.method=on_policy", f"{stage}.method=sampled or topk"),
+               (bool(section.cache_targets), f"{stage}.cache_targets=true", f"{stage}.cache_targets=false"),
+               (bool(section.teacher_context), f"{stage}.teacher_context", f"{stage}.teacher_context=null"),
+               (has_images, "image examples in data.train or data.eval", "text-only data")]
+    for bad, what, fix in refused:
+        if bad:
+            raise UserError(f"distributed.sequence_parallel={n}: {what} is not sharded over sequence-parallel "
+                            f"ranks yet; fix: {fix}, or distributed.sequence_parallel=1")
+
+
+def data_parallel(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, world size) among data-parallel replicas: the N ranks of an SP group read the same rows."""
+    if not dist.is_initialized():
+        return 0, 1
+    n = size(group)
+    return dist.get_rank() // n, dist.get_world_size() // n
+
+
+def shard_batch(batch, group: dist.ProcessGroup | None, pad_id: int):
+    """This rank's shard of a loader Batch: T padded to a multiple of N (padding: segment 0, no loss),
+    ids/targets/loss_mask/positions sliced, segments whole (see shard()). Targets are the full row's
+    next tokens already, so the shard's loss positions are exactly its part of the full row's."""
+    from .loader import IGNORE
+
+    n = size(group)
+    if n == 1:
+        return batch
+    if batch.pixel_values is not None:
+        raise UserError("sequence parallelism does not take image batches yet; fix: text-only data, or "
+                        "distributed.sequence_parallel=1")
+    pad = -batch.ids.shape[1] % n
+    fill = {"ids": pad_id, "targets": IGNORE, "loss_mask": False, "positions": 0, "segments": 0}
+    full = {k: torch.nn.functional.pad(getattr(batch, k), (0, pad), value=v) if pad else getattr(batch, k)
+            for k, v in fill.items()}
+    return batch._replace(**shard(full, group))
+
+
+def first_of_runs(mask: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """mask & not mask at the previous position of the FULL row, on this rank's shard of a (B, T) mask: a
+    run that continues from the previous shard does not start here."""
+    before = torch.nn.functional.pad(mask, (1, 0))[:, :-1]
+    if size(group) > 1:
+        last = gather(mask[:, -1:].contiguous(), group)  # (B, N): each shard's last position
+        r = dist.get_rank(group)
+        before[:, 0] = last[:, r - 1] if r > 0 else False
+    return mask & ~before
 
 
 def apply(model: Gemma3, group: dist.ProcessGroup | None) -> Gemma3:
@@ -169,4 +224,5 @@ def apply(model: Gemma3, group: dist.ProcessGroup | None) -> Gemma3:
 
 
 __all__ = ["FULL_KEYS", "new_group", "size", "shard", "gather", "token_mean", "kv_repeat", "UlyssesAttention",
-           "TRAINED_STAGES", "check_trainable", "apply"]
+           "SHARDED_STAGES", "UNSHARDED_STAGES",
+           "check_trainable", "check_distill", "data_parallel", "shard_batch", "first_of_runs", "apply"]

@@ -142,3 +142,27 @@ def test_on_policy_distillation_samples_from_the_sharded_student(tmp_path):
     logged = losses(tmp_path)
     assert sorted(logged) == [1, 2] and all(0 < r["loss_tokens"] <= 6 * 2 for r in logged.values())
     assert "held-out" not in res.stdout  # data.eval=null in these runs
+
+
+def test_sequence_parallel_two_ranks_match_one_rank(tmp_path):
+    """distributed.sequence_parallel=2 on 2 ranks: one data-parallel replica whose two ranks each hold half
+    of every row (47 tokens, padded to 48), so the run sees the 1-rank run's batches. topk targets are
+    deterministic, so losses, gradient norms and the held-out KL before and after must agree."""
+    common = ("distill.steps=3", "distill.method=topk", "distill.top_k=16", "data.max_seq_len=47",
+              "data.eval=arithmetic_eval", "distill.eval_batches=2", "distributed.zero_stage=3")
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, *common)
+    res = train(two, *common, "distributed.sequence_parallel=2", ranks=2)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3], res.stdout[-2000:]
+    for step in a:
+        assert a[step]["loss_tokens"] == b[step]["loss_tokens"], step  # each loss token counted once
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-4), step
+    sa, sb = (json.loads((r / "smoke" / "distill" / "summary.json").read_text()) for r in (one, two))
+    for when in ("before", "after"):
+        assert sa[when]["eval/tokens"] == sb[when]["eval/tokens"] > 0, when
+        for key in ("eval/kl", "eval/top1", "eval/reply_start_top1"):
+            assert sa[when][key] == pytest.approx(sb[when][key], rel=1e-5, abs=1e-6), (when, key)
+    wa, wb = final_weights(one), final_weights(two)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5

@@ -26,16 +26,26 @@ def test_kv_repeat_and_head_checks():
         kv_repeat(3, 1, 2)
 
 
-def test_training_stages_refuse_it_until_wired():
+def test_only_the_distill_stage_takes_it():
     from posttrain.errors import UserError
     from posttrain.recipe import load_config
-    from posttrain.sequence_parallel import check_trainable
+    from posttrain.sequence_parallel import check_distill, check_trainable
 
     cfg = load_config(["recipe=it_4b_128k"])
-    assert cfg.distributed.sequence_parallel == 8
-    with pytest.raises(UserError, match=r"sequence_parallel=8 .*\(distill\); fix: set distributed.sequence_parallel=1"):
-        check_trainable(cfg)
-    check_trainable(load_config(["recipe=it_4b_128k", "distributed.sequence_parallel=1"]))
+    assert cfg.distributed.sequence_parallel == 8 and cfg.stages == ["distill", "export"]
+    check_trainable(cfg)  # distill shards its batches
+    with pytest.raises(UserError, match=r"sequence_parallel=8 .*not yet by warm, policy; fix: set "
+                                        r"distributed.sequence_parallel=1"):
+        check_trainable(load_config(["recipe=it_4b_128k", "stages=[distill, warm, policy]"]))
+    for override, what in [("distill.method=on_policy", "method=on_policy"), ("distill.cache_targets=true",
+                                                                            "cache_targets=true")]:
+        bad = load_config(["recipe=it_4b_128k", override])
+        with pytest.raises(UserError, match=rf"distill.{what} is not sharded .*; fix: "):
+            check_distill(bad, bad.distill, "distill", has_images=False)
+    with pytest.raises(UserError, match=r"image examples .*; fix: text-only data"):
+        check_distill(cfg, cfg.distill, "distill", has_images=True)
+    check_distill(cfg, cfg.distill, "distill", has_images=False)
+    check_trainable(load_config(["recipe=it_4b_128k", "distributed.sequence_parallel=1", "stages=[warm]"]))
     check_trainable(load_config(["recipe=it_4b_128k", "stages=[export]"]))
 
 
@@ -50,6 +60,8 @@ def test_two_ranks_match_one(tmp_path):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
         print(f"rank {r}: {got}")
         assert got["uneven_error"], "T % N != 0 must raise a clear error"
+        assert got["batch_ids_ok"], "shard_batch: padding to a multiple of N, then this rank's slice"
+        assert got["starts_ok"], "first_of_runs: a loss run continuing from the previous shard starts there"
         for key, value in got.items():
             if key.startswith("max_"):
                 assert value <= TOL, f"rank {r}: {key} = {value:.3g} > {TOL}"
@@ -151,6 +163,29 @@ def _attention_case(group, out: dict) -> None:
         out[f"max_attn_grad_{tag}"] = max(float((g - gr).abs().max()) for g, gr in zip(grads, grads_ref))
 
 
+def _batch_case(group, out: dict) -> None:
+    """shard_batch pads 7 tokens to 8 (no loss, segment 0) and slices; first_of_runs finds the starts
+    of the full row's loss runs on each shard, one that continues from the previous shard excluded."""
+    import torch
+    import torch.distributed as dist
+
+    from posttrain import sequence_parallel as sp
+    from posttrain.loader import Batch
+
+    r = dist.get_rank(group)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0, 1], [1, 1, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    ids = torch.arange(14).view(2, 7)
+    batch = Batch(ids=ids, targets=torch.where(mask, ids + 1, -100), loss_mask=mask, positions=ids % 7,
+                  segments=torch.ones(2, 7, dtype=torch.long), index=[[0], [1]])
+    part = sp.shard_batch(batch, group, pad_id=99)
+    want_ids = [[[0, 1, 2, 3], [7, 8, 9, 10]], [[4, 5, 6, 99], [11, 12, 13, 99]]][r]
+    out["batch_ids_ok"] = part.ids.tolist() == want_ids and part.segments.shape == (2, 8) \
+        and part.segments[:, 7].tolist() == [0, 0] and not bool(part.loss_mask[:, 3].any() if r else False)
+    starts = sp.first_of_runs(part.loss_mask, group)
+    want = [[[0, 1, 0, 0], [1, 0, 0, 0]], [[0, 0, 1, 0], [1, 0, 0, 0]]][r]  # full: (1, 6) and (0, 4)
+    out["starts_ok"] = starts.long().tolist() == want
+
+
 def _worker() -> None:
     import torch
 
@@ -163,6 +198,7 @@ def _worker() -> None:
     out: dict = {}
     _model_case(group, out)
     _attention_case(group, out)
+    _batch_case(group, out)
     (Path(os.environ["SP_OUT"]) / f"rank{rank}.json").write_text(json.dumps(out))
 
 

@@ -15,6 +15,10 @@ Targets come from the teacher loaded beside the student, or (`cache_targets`) fr
 wrote once (targets.py), which the student streams. Every draw uses a generator seeded by
 seeds.derive_seed(seed, what, global micro-batch) or (seed, what, example), so a resumed run draws the same targets.
 
+Sequence parallelism (`distributed.sequence_parallel=N`, methods sampled and topk, text, no teacher context
+or target cache): the N ranks of a group read the same rows; each pads them to a multiple of N, keeps its
+1/N of the tokens (sequence_parallel.shard_batch) and draws the teacher targets of its own loss positions.
+
 Logged: loss, lr, grad_norm, tokens/s, step time, peak memory, and on the held-out set (`data.eval`,
 every `distill.eval_every` steps, before and after) the full-vocabulary KL(teacher || student) and
 top-1 agreement. The final student is saved as an HF directory, <stage dir>/final.
@@ -30,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import sequence_parallel as sp
 from ..config import Config
 from ..data import Example, has_images, load_rows, to_messages, tokenize_rows
 from ..engine import Engine, Frozen, all_sum, broadcast_object, rank, world_size
@@ -141,12 +146,13 @@ def student_loss(cfg: Config, batch: Batch, ids: torch.Tensor, values: torch.Ten
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(student_call, teacher: Frozen, s_batches: list[Batch], t_batches: list[Batch], chunk: int) -> dict:
+def evaluate(student_call, teacher: Frozen, s_batches: list[Batch], t_batches: list[Batch], chunk: int,
+             group=None) -> dict:
     """Full-vocabulary KL(teacher || student) and top-1 agreement over held-out batches (token-weighted,
-    summed over ranks)."""
+    summed over ranks). group: the sequence-parallel group when the batches are shards of their rows."""
     kl = top1 = label = n = first = replies = 0.0
     for sb, tb in zip(s_batches, t_batches):
-        starts = sb.loss_mask & ~F.pad(sb.loss_mask, (1, 0))[:, :-1]  # each reply's first token
+        starts = sp.first_of_runs(sb.loss_mask, group)  # each reply's first token
         right = []
 
         def inner(hs, ws):
@@ -166,12 +172,14 @@ def evaluate(student_call, teacher: Frozen, s_batches: list[Batch], t_batches: l
             "eval/reply_start_top1": first / max(replies, 1), "eval/tokens": n}
 
 
-def eval_batches(students: list[Example], teachers: list[Example], cfg: Config, pad_id: int):
-    """The same held-out batches for student and teacher (one example per row, this rank's share)."""
-    B, W = cfg.data.micro_batch_size, world_size()
+def eval_batches(students: list[Example], teachers: list[Example], cfg: Config, pad_id: int,
+                 dp: tuple[int, int] | None = None):
+    """The same held-out batches for student and teacher (one example per row, this rank's share).
+    dp: (rank, world size) among data-parallel replicas (default: all ranks)."""
+    (r, W), B = dp or (rank(), world_size()), cfg.data.micro_batch_size
     limit = cfg.distill.eval_batches * B * W
     idx = list(range(min(len(students), limit)))
-    mine = idx[rank()::W]
+    mine = idx[r::W]
     s_out, t_out = [], []
     for k in range(0, len(mine), B):
         rows = [[i] for i in mine[k:k + B]]
@@ -232,18 +240,25 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
                                  with_reply=not on_policy, images=images, stage=stage)
     if on_policy and any(e.pixel_values is not None for e in s_ex):
         raise UserError(f"{stage}.method=on_policy does not take image prompts yet; fix: method=sampled or topk")
+    e_s, e_t = paired_examples(load_split(data_cfg.eval, "data.eval"), tok, data_cfg.max_seq_len, context,
+                               data_cfg.truncation, images=images, stage=stage) if data_cfg.eval else ([], [])
+    sp.check_distill(cfg, d, stage, any(e.pixel_values is not None for e in s_ex + e_s))
+    # Sequence parallelism: the N ranks of a group read the same rows and each computes 1/N of every row.
+    group = sp.new_group(cfg.distributed.sequence_parallel)
+    dp_rank, dp_world = sp.data_parallel(group) if group is not None else (rank(), world_size())
+    sp_rank = 0 if group is None else torch.distributed.get_rank(group)
+    sp.apply(student, group)
+    sp.apply(teacher_model, group)
     loader = DataLoader(s_ex, batch_size=data_cfg.micro_batch_size, max_seq_len=data_cfg.max_seq_len,
                         pad_id=tok.pad_id, seed=cfg.seed, packing=data_cfg.packing and not on_policy,
-                        rank=rank(), world_size=world_size())
-    eval_s, eval_t = [], []
-    if data_cfg.eval:
-        e_s, e_t = paired_examples(load_split(data_cfg.eval, "data.eval"), tok, data_cfg.max_seq_len, context,
-                                   data_cfg.truncation, images=images, stage=stage)
-        eval_s, eval_t = eval_batches(e_s, e_t, cfg, tok.pad_id)
+                        rank=dp_rank, world_size=dp_world)
+    eval_s, eval_t = eval_batches(e_s, e_t, cfg, tok.pad_id, (dp_rank, dp_world)) if e_s else ([], [])
 
-    engine = Engine(student, cfg, lr=d.lr, steps=d.steps, warmup_steps=d.warmup_steps, out_dir=out_dir)
+    engine = Engine(student, cfg, lr=d.lr, steps=d.steps, warmup_steps=d.warmup_steps, out_dir=out_dir,
+                    shards_sequences=True)
     teacher = Frozen(teacher_model, cfg)
-    eval_s, eval_t = [b.to(engine.device) for b in eval_s], [b.to(teacher.device) for b in eval_t]
+    eval_s = [sp.shard_batch(b, group, tok.pad_id).to(engine.device) for b in eval_s]
+    eval_t = [sp.shard_batch(b, group, tok.pad_id).to(teacher.device) for b in eval_t]
     cache = None
     if d.cache_targets and not on_policy:
         cache = TargetCache.build(out_dir / "targets", teacher, t_ex, cfg, tok.pad_id)
@@ -256,7 +271,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
 
     def held_out() -> dict:
         engine.model.eval()
-        out = evaluate(engine.module, teacher, eval_s, eval_t, chunk)
+        out = evaluate(engine.module, teacher, eval_s, eval_t, chunk, group)
         engine.model.train()
         return out
 
@@ -271,7 +286,10 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
 
     def step_fn(step: int) -> dict:
         t0 = time.perf_counter()
-        micro = [next(loader).to(engine.device) for _ in range(accum)]
+        rows = [next(loader) for _ in range(accum)]
+        # non-padding tokens, counted once per SP group (the shards keep the full rows' segments)
+        local_seen = sum(int((b.segments > 0).sum()) for b in rows) if sp_rank == 0 else 0
+        micro = [sp.shard_batch(b, group, tok.pad_id).to(engine.device) for b in rows]
         if on_policy:
             pairs = [on_policy_batch(engine, s_ex, t_ex, b, cfg, tok,
                                      seed=derive_seed(cfg.seed, f"{stage}/on_policy", (step * accum + m) * world_size() + rank()))
@@ -280,7 +298,6 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
             pairs = [(b, b if context is None else _teacher_batch(b, t_ex, tok.pad_id).to(teacher.device))
                      for b in micro]
         local_tokens = sum(int(sb.loss_mask.sum()) for sb, _ in pairs)
-        local_seen = sum(int((sb.segments > 0).sum()) for sb, _ in pairs)  # non-padding tokens
         global_tokens = all_sum([float(local_tokens)])[0]
         # DeepSpeed scales each micro-batch's loss by 1/accum and averages gradients over ranks: dividing
         # by global_tokens / (accum * ranks) makes the step's gradient that of the mean over all its tokens.
@@ -292,8 +309,10 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
             else:
                 # Keyed by the global micro-batch number (the loader's order), not by rank or accumulation
                 # slot: W ranks x G accumulation steps draw the same targets as 1 rank x W*G.
-                global_batch = (step * accum + m) * world_size() + rank()
-                ids, values = targets_for(teacher, tb, cfg, _generator(derive_seed(cfg.seed, f"{stage}/targets", global_batch), teacher.device))
+                # Under sequence parallelism each shard of the micro-batch draws its own.
+                global_batch = (step * accum + m) * dp_world + dp_rank
+                key = (global_batch,) if group is None else (global_batch, sp_rank)
+                ids, values = targets_for(teacher, tb, cfg, _generator(derive_seed(cfg.seed, f"{stage}/targets", *key), teacher.device))
             loss = engine.module(student_loss(cfg, sb, ids, values, normalizer), sb.ids, sb.positions, sb.segments,
                                  **sb.images)
             engine.backward(loss)
@@ -313,7 +332,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     after = {}
     if eval_s:
         engine.model.eval()
-        after = evaluate(engine.module, teacher, eval_s, eval_t, chunk)
+        after = evaluate(engine.module, teacher, eval_s, eval_t, chunk, group)
         tracker.log(after, step=d.steps)
     summary = {"steps": d.steps, "method": d.method, "final_loss": last.get("loss"),
                "before": before, "after": after}
@@ -329,6 +348,8 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     tracker.finish()
     engine.close()
     teacher.close()
+    sp.apply(student, None)  # the models leave the stage as they came: single-rank attention
+    sp.apply(teacher_model, None)
     return StageResult(out_dir / "final", summary)
 
 
