@@ -155,6 +155,12 @@ def _sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def grad_norm(parameters) -> float:
+    """The L2 norm of all the gradients (float64 sum of squares), as torch.nn.utils.clip_grad_norm_ reports it."""
+    squares = [p.grad.detach().double().square().sum() for p in parameters if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+
 def freeze(model: Gemma3, cfg: Config) -> None:
     """What a trained stage leaves as loaded: the embedding (model.freeze_embeddings), the vision tower
     and the projector (unless model.train_vision_tower / model.train_projector)."""
@@ -361,9 +367,16 @@ class Engine(Held):
         self.engine.backward(loss)
 
     def step(self) -> dict[str, float]:
-        """Finish the micro-batch (DeepSpeed steps the optimizer at accumulation boundaries)."""
+        """Finish the micro-batch (DeepSpeed steps the optimizer at accumulation boundaries). grad_norm: the
+        global gradient norm before clipping, of the last optimizer step."""
+        # ZeRO 1-3 (and DeepSpeed's bf16/fp16 wrappers) report the norm they clip with; ZeRO 0 clips the
+        # bare optimizer's gradients and reports nothing. Its gradients are all-reduced (whole on every
+        # rank) once the boundary's backward is done, so this rank's norm of them is the global one.
+        if self.engine.is_gradient_accumulation_boundary() and self.cfg.distributed.zero_stage == 0:
+            self._zero0_norm = grad_norm(self.wrapped.parameters())
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        norm = getattr(self, "_zero0_norm", None) if norm is None else norm
         return {"lr": self.scheduler.get_last_lr()[0] if self.scheduler else float("nan"),
                 "grad_norm": float(norm) if norm is not None else float("nan")}
 
