@@ -28,6 +28,7 @@ atomically after that, so a kill during a save leaves the previous checkpoint us
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -142,6 +143,8 @@ class WithHead(nn.Module):
             if image_index is not None:
                 images["image_features"] = self.model.image_features(images.pop("pixel_values"))[image_index]
             h = self.model.hidden_states(ids, positions=positions, segments=segments, **images)
+            if h.device.type == "cpu":  # the forward's freed temporaries, before fn's large logits chunks
+                release_host_memory()
             return fn(h, self.model.head_weight())  # fake-quantized under QAT's embedding option
 
 
@@ -153,6 +156,29 @@ def _register_head(module: WithHead) -> None:
 
 def _sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
+
+
+def release_host_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op).
+
+    On CPU the tensors under glibc's mmap threshold (32 MiB at most: activations of a few thousand
+    tokens, per-matrix gradients and Adam states) live on the heap, and a forward or a training step
+    frees them in an order that leaves holes the heap cannot shrink past. The large buffers that come
+    next (the 1 GiB logits chunks, mmapped) cannot use those holes, so the resident set grows past the
+    planned peak. Called after each forward's hidden states (before the head) and each optimizer step;
+    on the 270M at T = 8,192 (distill, steady state) it takes the peak RSS from 8.13 to 6.29 GiB
+    against the planner's 6.12, for milliseconds per call against a step of minutes."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
 
 
 def grad_norm(parameters) -> float:
@@ -374,7 +400,10 @@ class Engine(Held):
         # rank) once the boundary's backward is done, so this rank's norm of them is the global one.
         if self.engine.is_gradient_accumulation_boundary() and self.cfg.distributed.zero_stage == 0:
             self._zero0_norm = grad_norm(self.wrapped.parameters())
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
+        if boundary and self.device.type == "cpu":
+            release_host_memory()
         norm = self.engine.get_global_grad_norm()
         norm = getattr(self, "_zero0_norm", None) if norm is None else norm
         return {"lr": self.scheduler.get_last_lr()[0] if self.scheduler else float("nan"),

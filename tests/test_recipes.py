@@ -162,3 +162,22 @@ def test_plan_counts_the_vision_towers_activations():
     crops = plan(load_config(["recipe=it_4b", "stages=[distill]", "data.pan_and_scan=true"]))
     assert crops.stages["distill"].train["vision activations"] == 10 * (per_layer + soft)
     assert "vision activations" not in plan(load_config(["recipe=smoke"])).stages["distill"].train
+
+
+def test_distill_peak_is_its_larger_phase_teacher_targets_or_the_train_step():
+    """The live teacher's targets (logits, log-probs and Gumbel keys of one chunk; no keys for topk) run
+    before the student's forward, so the peak is the larger phase, not their sum (measured at 8K, README)."""
+    from posttrain.plan import plan
+
+    GiB = 1024**3
+    base = ["recipe=demo", "stages=[distill]", "data.max_seq_len=8192", "data.micro_batch_size=1",
+            "distributed.zero_stage=0", "distributed.activation_checkpointing=true", "data.loss_chunk_tokens=1024"]
+    sampled = plan(load_config(base)).stages["distill"]
+    assert sampled.targets == {"logits chunk": 3 * GiB} and sampled.train["logits chunk"] == 2 * GiB
+    assert sampled.peak == sum(sampled.rows.values()) + max(sum(sampled.targets.values()),
+                                                            sum(sampled.train.values()))
+    assert sum(sampled.targets.values()) > sum(sampled.train.values())  # at 8K the targets phase is the peak
+    topk = plan(load_config(base + ["distill.method=topk", "distill.label_weight=0"])).stages["distill"]
+    assert topk.targets == {"logits chunk": 2 * GiB}
+    cached = plan(load_config(base + ["distill.cache_targets=true"])).stages["distill"]
+    assert not cached.targets and "teacher (frozen)" not in cached.rows
