@@ -8,6 +8,13 @@ fraction of the memory-bandwidth roofline: every decode step must read all weigh
 tokens/s <= batch * bandwidth / weight bytes, with the bandwidth measured here by a large read.
 Last, the KV-cache bytes for long contexts computed on the meta device (no memory used),
 against a full-length cache. Quote ratios, not absolute numbers: this machine is shared.
+
+    python bench/sampler.py --half-stop 32 [--repeats 3] [--new-tokens 128]
+
+runs only the early-stop case, ours alone, float32: a batch whose first half samples <eos> at its
+8th token (forced) while the rest run to --new-tokens, against the same batch where nothing stops
+(the same forced token, not a stop token there). Stopped rows leave the batch, so the ratio of the
+two times is what the decoded tokens cost.
 """
 
 from __future__ import annotations
@@ -29,6 +36,31 @@ def read_bandwidth(repeats: int = 5) -> float:
     return buf.numel() * 4 / median_seconds(buf.sum, repeats)
 
 
+def half_stopped(sampler: Sampler, prompts: list[list[int]], new_tokens: int, repeats: int,
+                 stop_after: int = 8) -> tuple[float, float]:
+    """Seconds (median) of the batch where nothing stops and of the batch whose first half stops."""
+    import posttrain.sampler as sampling
+
+    real, calls = sampling.sample_tokens, [0]
+
+    def forced(logits, *args):
+        token = real(logits, *args)
+        if calls[0] == stop_after - 1:
+            token[: len(prompts) // 2] = 1  # <eos>
+        calls[0] += 1
+        return token
+
+    def run(stop_ids):
+        calls[0], sampling.sample_tokens = 0, forced
+        try:
+            sampler.generate(prompts, max_new_tokens=new_tokens, temperature=0, stop_token_ids=stop_ids)
+        finally:
+            sampling.sample_tokens = real
+
+    run([]), run([1])  # warm-up
+    return median_seconds(lambda: run([]), repeats), median_seconds(lambda: run([1]), repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -36,7 +68,19 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--half-stop", type=int, metavar="BATCH", help="only the early-stop case at this batch")
     args = ap.parse_args()
+    if args.half_stop:
+        g = torch.Generator().manual_seed(0)
+        prompts = [[2] + torch.randint(3, 50_000, (args.prompt_tokens - 1,), generator=g).tolist()
+                   for _ in range(args.half_stop)]
+        sampler = Sampler(posttrain.load_model("gemma3-270m", dtype=torch.float32))
+        full, half = half_stopped(sampler, prompts, args.new_tokens, args.repeats)
+        tokens = args.half_stop // 2 * 8 + (args.half_stop - args.half_stop // 2) * args.new_tokens
+        print(f"batch {args.half_stop}, float32, {args.new_tokens} new tokens, median of {args.repeats}: "
+              f"nothing stops {full:.1f} s; half stop after 8 tokens {half:.1f} s = {half / full:.2f} of it "
+              f"(decoded tokens: {tokens / (args.half_stop * args.new_tokens):.2f} of them)")
+        return
     from transformers import AutoModelForCausalLM  # the peer; the library itself never imports it
 
     bandwidth = read_bandwidth()

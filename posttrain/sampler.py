@@ -10,7 +10,8 @@ Design (README, "Sampling"):
   layers cost O(W) whatever the context.
 - No padding anywhere: every row keeps its own position. Each prompt is prefilled once, on its
   own, in chunks (no T x T activation), into the first of its n rows, and the cache is copied to
-  the other n - 1 rows. Decoding then steps all rows together, one token each.
+  the other n - 1 rows. Decoding then steps all rows together, one token each; a row that samples a
+  stop token leaves the batch and the cache (not on the compiled static path, whose shapes are fixed).
 - Log-probs are those of the unmodified model (temperature 1, no truncation) at the sampled
   token, the numbers RL needs; they equal a full forward of the same sequence (tested).
 - The model is a plain module: under ZeRO-3 the engine gathers the weights once around a whole
@@ -73,6 +74,12 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices, in their new order): finished sequences leave the batch."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.slot_pos = self.slot_pos.index_select(0, rows)
 
     def copy_row(self, src: int, dst: slice) -> None:
         """Copy one row's cache (a prefilled prompt) into rows `dst` (its other samples)."""
@@ -277,25 +284,31 @@ class Sampler:
         logits = torch.cat(last_logits).float()  # (R, V)
         pos = torch.tensor([len(p) for p in prompts for _ in range(n)], device=device)  # next position per row
 
-        tokens = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
-        logprobs = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
         lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
         stopped = torch.zeros(rows, dtype=torch.bool, device=device)
-        # 2. decode: sample, record, feed the token back, until every row is finished
+        live = torch.arange(rows, device=device)  # the rows still decoding, in cache order
+        # 2. decode: sample, record, feed the token back, until every row is finished. A row that stops
+        # leaves the batch (and the cache), so a batch costs the tokens it decodes, not rows x longest.
+        # The compiled static path keeps every row: its shapes must not change.
         for step in range(max_new_tokens):
             token = sample_tokens(logits, temperature, top_k, top_p, min_p, generator)
-            tokens[:, step] = token
-            logprobs[:, step] = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+            tokens[live, step] = token
+            logprobs[live, step] = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+            hit = torch.isin(token, stop) & ~stopped[live]
             if on_token is not None:
-                for r in (~done).nonzero().flatten().tolist():
-                    on_token(r, int(token[r]))
-            hit = torch.isin(token, stop) & ~done
-            lengths = torch.where(hit, step + 1, lengths)
-            stopped |= hit
-            done |= hit
-            if step == max_new_tokens - 1 or bool(done.all()):
+                for r, t in zip(live.tolist(), token.tolist()):
+                    if not stopped[r]:
+                        on_token(r, t)
+            lengths[live[hit]] = step + 1
+            stopped[live[hit]] = True
+            if step == max_new_tokens - 1 or bool(stopped[live].all()):
                 break
+            if bool(hit.any()) and not self.static:
+                keep = (~hit).nonzero().flatten()
+                cache.keep(keep)
+                live, token, pos = live[keep], token[keep], pos[keep]
             logits = self._decode(cache, token, pos).float()
             pos = pos + 1
 

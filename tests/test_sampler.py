@@ -199,3 +199,22 @@ def test_packed_and_plain_decode_agree_and_packs_follow_weight_updates():
             p.add_(torch.randn_like(p))
     after = [g[0].tokens for g in packed.generate(prompts, **kw)]
     assert after == [greedy_generate(m, p, 12) for p in prompts]
+
+
+def test_stopped_rows_leave_the_batch_and_the_rest_stay_exact(model):
+    """A row that samples a stop token leaves the decode batch (and the cache); the rows left go on with
+    the same tokens and log-probs as a batch where nothing stops."""
+    prompts = random_prompts((5, 11, 8, 3), seed=6)
+    sampler = Sampler(model, prefill_chunk=4)
+    free = sampler.generate(prompts, max_new_tokens=12, temperature=0, stop_token_ids=[])
+    stop_id = free[1][0].tokens[2]
+    sizes = []
+    decode = sampler._decode
+    sampler._decode = lambda cache, token, pos: sizes.append(token.shape[0]) or decode(cache, token, pos)
+    out = sampler.generate(prompts, max_new_tokens=12, temperature=0, stop_token_ids=[stop_id])
+    for f, (c,) in zip(free, out):
+        want = f[0].tokens[:f[0].tokens.index(stop_id) + 1] if stop_id in f[0].tokens else f[0].tokens
+        assert c.tokens == want
+        assert c.logprobs == pytest.approx(f[0].logprobs[:len(want)], abs=1e-5)
+    live = [sum(len(c.tokens) > step + 1 for (c,) in out) for step in range(len(sizes))]
+    assert sizes == live and min(sizes) < len(prompts), (sizes, live)
