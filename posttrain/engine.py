@@ -398,9 +398,9 @@ class Engine(Held):
         # ZeRO 1-3 (and DeepSpeed's bf16/fp16 wrappers) report the norm they clip with; ZeRO 0 clips the
         # bare optimizer's gradients and reports nothing. Its gradients are all-reduced (whole on every
         # rank) once the boundary's backward is done, so this rank's norm of them is the global one.
-        if self.engine.is_gradient_accumulation_boundary() and self.cfg.distributed.zero_stage == 0:
-            self._zero0_norm = grad_norm(self.wrapped.parameters())
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self.cfg.distributed.zero_stage == 0:
+            self._zero0_norm = grad_norm(self.wrapped.parameters())
         self.engine.step()
         if boundary and self.device.type == "cpu":
             release_host_memory()

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .loader import IGNORE
 from .model import Gemma3, causal_attention
 
 # (B, T) inputs that stay whole on every rank: attention masks the full sequence after the exchange.
@@ -187,8 +188,6 @@ def shard_batch(batch, group: dist.ProcessGroup | None, pad_id: int):
     """This rank's shard of a loader Batch: T padded to a multiple of N (padding: segment 0, no loss),
     ids/targets/loss_mask/positions sliced, segments whole (see shard()). Targets are the full row's
     next tokens already, so the shard's loss positions are exactly its part of the full row's."""
-    from .loader import IGNORE
-
     n = size(group)
     if n == 1:
         return batch

@@ -245,7 +245,7 @@ def run_distill(cfg: Config, student: Gemma3, teacher_model: Gemma3, tok, out_di
     sp.check_distill(cfg, d, stage, any(e.pixel_values is not None for e in s_ex + e_s))
     # Sequence parallelism: the N ranks of a group read the same rows and each computes 1/N of every row.
     group = sp.new_group(cfg.distributed.sequence_parallel)
-    dp_rank, dp_world = sp.data_parallel(group) if group is not None else (rank(), world_size())
+    dp_rank, dp_world = sp.data_parallel(group)
     sp_rank = 0 if group is None else torch.distributed.get_rank(group)
     sp.apply(student, group)
     sp.apply(teacher_model, group)
