@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import _gemm_operand, _mm32
 from .model import Gemma3, GemmaConfig, apply_rope
 from .vision import image_blocks
 
@@ -63,7 +64,7 @@ class KVCache:
     """
 
     def __init__(self, cfg: GemmaConfig, rows: int, length: int, dtype: torch.dtype, device: torch.device):
-        self.length, self.ring = length, min(cfg.sliding_window, length)
+        self.length, self.ring, self.dtype = length, min(cfg.sliding_window, length), dtype
         K, D = cfg.num_kv_heads, cfg.head_dim
         self.k, self.v = [], []
         for layer in range(cfg.num_layers):
@@ -144,8 +145,12 @@ def _attend(q, k, v, mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _onednn_ok() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def _onednn_ok(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN can prepack weights of this dtype here: bfloat16 needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT,
+    which CPUs with AVX2 only (many AMD EPYCs) lack; there the sampler uses the plain products."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Weights:
@@ -157,10 +162,12 @@ class Weights:
     def __init__(self, model: Gemma3):
         self.model = model
         self.quantized: dict[int, torch.Tensor] = {}
+        self.head_operand: torch.Tensor | None = None
         self.calls = 0  # refreshes so far: a quantized value is new at each one
 
     def refresh(self) -> None:
         self.quantized = {}
+        self.head_operand = None
         self.calls += 1
         if self.model.embed_quant is not None:
             self.quantized[id(self.model.embed_tokens)] = self.model.head_weight().detach()
@@ -171,6 +178,15 @@ class Weights:
 
     def clear(self) -> None:
         self.quantized = {}
+        self.head_operand = None
+
+    def head(self) -> torch.Tensor:
+        """The output head as the training forward's chunked head multiplies it (losses._gemm_operand,
+        under the caller's autocast): float32, or bf16 with float32 output on CUDA. Made once per call:
+        for a bf16 model on CPU, a float32 copy of the head while `generate` runs."""
+        if self.head_operand is None:
+            self.head_operand = _gemm_operand(self(self.model.embed_tokens).detach())
+        return self.head_operand
 
     def __call__(self, module: nn.Module) -> torch.Tensor:
         return self.quantized.get(id(module), module.weight)
@@ -232,9 +248,10 @@ class Sampler:
         weight = model.embed_tokens.weight
         if pack_weights is None:  # auto: CPU float32/bfloat16 with oneDNN, and not the compiled path
             pack_weights = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-                            and not compile_decode and _onednn_ok())
+                            and not compile_decode and _onednn_ok(weight.dtype))
         self.weights = Weights(model)
         self.packed = PackedWeights(model, self.weights) if pack_weights else None
+        self._packed = self.packed  # what this generate call uses (not under autocast)
         self._decode = self._decode_step
         if compile_decode:
             mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
@@ -266,11 +283,15 @@ class Sampler:
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         self.weights.refresh()
-        if self.packed is not None:
-            self.packed.refresh()
+        # under autocast the products run as the training forward's do (packed weights would ignore it)
+        self._packed = None if torch.is_autocast_enabled(device.type) else self.packed
+        if self._packed is not None:
+            self._packed.refresh()
         rows = len(prompts) * n
         length = max(len(p) for p in prompts) + max_new_tokens
-        cache = KVCache(self.cfg, rows, length, self.model.embed_tokens.weight.dtype, device)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.model.embed_tokens.weight.dtype  # the keys and values as the forward makes them
+        cache = KVCache(self.cfg, rows, length, dtype, device)
 
         # 1. prefill each prompt once, copy to its n rows, sample each row's first token
         last_logits = []
@@ -355,19 +376,22 @@ class Sampler:
                 raise ValueError(message)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(R, C) -> (R, V). Same product as model.logits, laid out as W @ h^T: with a 262k-row
-        weight and few rows of h, MKL runs this form up to 2x faster on CPU (bench/sampler.py)."""
-        return (self.weights(self.model.embed_tokens) @ hidden.T).T
+        """(R, C) -> float32 (R, V), as the training forward computes them (a bf16 model's or bf16
+        autocast's logits are not rounded to bf16: log-probs would be off by about 0.01 nats, and an RL
+        step on them off-policy without knowing it). Laid out as W @ h^T: with a 262k-row weight and
+        few rows of h, MKL runs this form up to 2x faster on CPU (bench/sampler.py)."""
+        weight = self.weights.head()
+        return _mm32(weight, hidden.to(weight.dtype).T).T
 
     def _linear(self, *modules: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """x (N, in) times each module's weight -> [(N, out_i)]: one packed oneDNN product on CPU, else F.linear."""
-        if self.packed is not None:
-            return self.packed.linear(modules, x)
+        if self._packed is not None:
+            return self._packed.linear(modules, x)
         return [F.linear(x, self.weights(m)) for m in modules]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (N, C) -> logits (N, V)."""
-        if self.packed is not None:
+        """Final-normed hidden states (N, C) -> float32 logits (N, V)."""
+        if self._packed is not None:
             return self._linear(self.model.embed_tokens, x=hidden)[0]
         return self._logits(hidden)
 
@@ -449,8 +473,8 @@ class Sampler:
                     if same_image is not None:
                         seen[:, ring:] |= same_image
                     mask = seen & (kpos[None, :] > qpos[:, None] - W) & (kpos[None, :] >= 0)
-                    cache.k[layer][row][:, keep % ring] = k[0, :, -len(keep):]  # (K, n, D)
-                    cache.v[layer][row][:, keep % ring] = v[0, :, -len(keep):]
+                    cache.k[layer][row][:, keep % ring] = k[0, :, -len(keep):].to(cache.dtype)  # (K, n, D)
+                    cache.v[layer][row][:, keep % ring] = v[0, :, -len(keep):].to(cache.dtype)
                 y = _attend(q, keys, vals, mask[None, None], attn.scale)  # (1, H, Tc, D)
                 x = self._block_tail(block, x, y.transpose(1, 2).reshape(e - s, -1))
             cache.slot_pos[row, keep % ring] = keep
@@ -474,8 +498,8 @@ class Sampler:
             attn = block.self_attn
             q, k, v = self._qkv(attn, block.input_layernorm(x), pos[:, None])  # (R, H|K, 1, D)
             at = pos if attn.is_global else slot
-            cache.k[layer][rows, :, at] = k[:, :, 0]
-            cache.v[layer][rows, :, at] = v[:, :, 0]
+            cache.k[layer][rows, :, at] = k[:, :, 0].to(cache.dtype)
+            cache.v[layer][rows, :, at] = v[:, :, 0].to(cache.dtype)
             if attn.is_global:
                 y = _attend(q, cache.k[layer][:, :, :used], cache.v[layer][:, :, :used], global_mask, attn.scale)
             else:

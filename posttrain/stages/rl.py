@@ -168,9 +168,15 @@ class RewardHealth:
 class Rollout(list):
     """Completions' token ids, out[prompt][sample], plus `entropy`: the mean over sampled tokens of
     -log pi(token) at temperature 1 (a per-token entropy estimate when sampling at temperature 1), and
-    `stopped`: the share of completions that ended on a stop token rather than at max_new_tokens."""
+    `stopped`: the share of completions that ended on a stop token rather than at max_new_tokens,
+    `logprobs`: the sampler's log pi(token) per token, out[prompt][sample][t] (temperature 1)."""
 
     entropy: float = float("nan")
+    logprobs: list = []
+
+    def sequence_logprobs(self) -> torch.Tensor:
+        """The sampler's log pi(y) per completion, (P, n) float64."""
+        return torch.tensor([[sum(lp) for lp in row] for row in self.logprobs], dtype=torch.float64)
     stopped: float = float("nan")
 
 
@@ -186,11 +192,15 @@ def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Confi
         was = model.training
         model.eval()
         images = [prompts.pixels(i) for i in idx] if prompts.has_images else None
-        out = Sampler(model).generate([prompts.ids[i] for i in idx], n=n, max_new_tokens=p.max_new_tokens,
-                                      temperature=p.temperature if temperature is None else temperature,
-                                      stop_token_ids=stop_ids(cfg, tok), seed=seed, images=images)
+        # the training forward's precision (distributed.autocast), so the samples' log-probs are its own
+        device = model.embed_tokens.weight.device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.distributed.autocast == "bf16"):
+            out = Sampler(model).generate([prompts.ids[i] for i in idx], n=n, max_new_tokens=p.max_new_tokens,
+                                          temperature=p.temperature if temperature is None else temperature,
+                                          stop_token_ids=stop_ids(cfg, tok), seed=seed, images=images)
         model.train(was)
     result = Rollout([list(c.tokens) for c in row] for row in out)
+    result.logprobs = [[list(c.logprobs) for c in row] for row in out]
     lps = [lp for row in out for c in row for lp in c.logprobs]
     result.entropy = -sum(lps) / len(lps) if lps else float("nan")
     finished = [c.finish_reason == "stop" for row in out for c in row]
@@ -203,6 +213,66 @@ def seq_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: 
     """log pi(y) per completion, (P, n), through the engine (grad unless under no_grad). `post`, when
     given, maps that tensor to a loss inside the engine's forward (ZeRO-3 keeps the head gathered).
     A prompt's images are encoded once for its n completions (engine.module's image_index)."""
+    n = len(completions[0])
+
+    def per_sequence(lp, mask):
+        lp = lp.sum(-1).view(len(idx), n)
+        return lp if post is None else post(lp)
+
+    return _completion_forward(engine, prompts, idx, completions, cfg, pad_id, per_sequence)
+
+
+def loss_passes(cfg: Config, rows_per_prompt: int) -> int:
+    """Forward/backward passes per optimizer step: the policy engine's gradient accumulation steps."""
+    return -(-cfg.data.micro_batch_size // cfg.policy.prompts_per_pass(cfg.data.micro_batch_size, rows_per_prompt))
+
+
+def linear_loss_step(engine: Engine, prompts: Prompts, idx: list[int], completions: list[list[list[int]]],
+                     cfg: Config, pad_id: int, loss_of, sampled_lp: torch.Tensor) -> tuple[float, dict, dict]:
+    """Backward and optimizer step of loss_of(log pi(y)), lp (P, n) -> (loss, stats), in passes of
+    policy.rows_per_pass rows. The RL losses here (REINFORCE, WARP, J-BOND) are linear in the sequence
+    log-probs, their coefficients functions of detached values only, so the step's gradient is
+    sum_i (d loss / d lp_i) grad lp_i, a sum over rows: each pass backpropagates its rows' share and
+    the engine accumulates them (its gradient accumulation steps: loss_passes) into one optimizer step.
+    The coefficients are taken at sampled_lp, the sampler's log pi(y) (the training forward's own, within
+    1e-5 in float32: tests/test_logprob_agreement.py); the loss and stats returned are loss_of at the
+    training forward's log-probs, as one pass would report them. Returns (loss, stats, engine.step's info)."""
+    leaf = sampled_lp.detach().double().clone().requires_grad_(True)
+    coeff = torch.autograd.grad(loss_of(leaf)[0], leaf)[0].float()
+    per = cfg.policy.prompts_per_pass(cfg.data.micro_batch_size, len(completions[0]))
+    if loss_passes(cfg, len(completions[0])) * per < len(idx):
+        raise ValueError(f"{len(idx)} prompts need more passes than the engine accumulates")
+    values, info = [], {}
+    for s in range(0, len(idx), per):
+        c = coeff[s:s + per].to(engine.device)
+
+        def part(lp, c=c):
+            values.append(lp.detach().float().cpu())
+            return (c * lp).sum() + 0.0 * lp.sum()  # every rank backpropagates, even with zero weights
+
+        engine.backward(seq_logprobs(engine, prompts, idx[s:s + per], completions[s:s + per], cfg, pad_id, post=part),
+                        part_of_sum=True)
+        info = engine.step()  # DeepSpeed steps the optimizer after the last pass
+    with torch.no_grad():
+        loss, stats = loss_of(torch.cat(values))
+    return float(loss), stats, info
+
+
+@torch.no_grad()
+def token_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: list[list[list[int]]],
+                   cfg: Config, pad_id: int) -> list[list[list[float]]]:
+    """log pi(y_t | prompt, y_<t) of every completion token, out[prompt][sample][t], by the training
+    forward (the numbers seq_logprobs sums): what the sampler's own log-probs must equal."""
+    n = len(completions[0])
+    lp, mask = _completion_forward(engine, prompts, idx, completions, cfg, pad_id, lambda lp, mask: (lp, mask))
+    rows = [row[m].tolist() for row, m in zip(lp.float(), mask)]
+    return [rows[i * n:(i + 1) * n] for i in range(len(idx))]
+
+
+def _completion_forward(engine: Engine, prompts: Prompts, idx: list[int], completions: list[list[list[int]]],
+                        cfg: Config, pad_id: int, fn):
+    """fn(per-token log-probs (rows, T), completion mask (rows, T)) inside the engine's forward, the
+    rows being prompt idx[i]'s completions, one per row, in order."""
     n = len(completions[0])
     examples = [Example(prompts.ids[i] + c, [False] * len(prompts.ids[i]) + [True] * len(c))
                 for i, row in zip(idx, completions) for c in row]
@@ -219,12 +289,11 @@ def seq_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: 
             images = {"pixel_values": torch.cat(given).to(engine.device),
                       "image_index": torch.tensor(index, device=engine.device)}
 
-    def fn(h, w):
+    def head(h, w):
         lp = sequence_logprobs(h, w, batch.targets.clamp_min(0), batch.loss_mask, cfg.data.loss_chunk_tokens)
-        lp = lp.sum(-1).view(len(idx), n)
-        return lp if post is None else post(lp)
+        return fn(lp, batch.loss_mask)
 
-    return engine.module(fn, batch.ids, batch.positions, batch.segments, **images)
+    return engine.module(head, batch.ids, batch.positions, batch.segments, **images)
 
 
 class Anchor:
@@ -361,5 +430,5 @@ def log_sample_table(name, engine, prompts, reward, cfg, tok, tracker, step) -> 
     tracker.table(f"{name}/samples", ["prompt", "completion", "reward"], rows, step=step)
 
 
-__all__ = ["Prompts", "score", "RewardHealth", "Rollout", "stop_ids", "rollout", "seq_logprobs", "Anchor", "evaluate", "decode",
+__all__ = ["Prompts", "score", "RewardHealth", "Rollout", "stop_ids", "rollout", "seq_logprobs", "token_logprobs", "linear_loss_step", "loss_passes", "Anchor", "evaluate", "decode",
            "secondary", "keep_scored", "rollout_metrics", "step_seed", "train_loop", "log_sample_table"]
