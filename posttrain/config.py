@@ -356,6 +356,10 @@ class PolicySection(Section):
                             "(matched within a token, not across tokens), e.g. [\"\\n\"] for one-line answers")
     samples_per_prompt: int = Field(2, ge=2, description="policy completions per prompt (J-BOND's backward term, "
                                     "WARP's leave-one-out baseline)")
+    rows_per_pass: int = Field(8, ge=0, description="completions per forward/backward pass of the policy's loss "
+                               "(whole prompts' groups, at least one prompt's): the step's gradient is the same as "
+                               "from one pass over all of them (the losses are linear in the sequence log-probs), "
+                               "its activation memory that of this many rows; 0 = all rows in one pass")
     tie_break: Literal["half", "reward_model"] = Field(
         "half", description="J-BOND ties between rewards (0/1 verifiers): count as half a win, or break "
         "with the learned reward model's score")
@@ -386,6 +390,10 @@ class PolicySection(Section):
         3, ge=1, description="reward health: the stage stops with an error when a reward scores no sample of a "
         "step (every call raised or timed out) for this many consecutive steps, or when no sample of a step "
         "got a total (all skipped) for as many; the last step checkpoint stays usable")
+
+    def prompts_per_pass(self, micro_batch: int, rows_per_prompt: int) -> int:
+        """Prompts whose completions (rows_per_prompt each) one forward/backward pass of the loss holds."""
+        return micro_batch if self.rows_per_pass == 0 else max(1, min(micro_batch, self.rows_per_pass // rows_per_prompt))
 
     @model_validator(mode="after")
     def _check(self) -> "PolicySection":

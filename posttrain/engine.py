@@ -389,8 +389,10 @@ class Engine(Held):
     def device(self) -> torch.device:
         return torch.device(self.engine.device)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+    def backward(self, loss: torch.Tensor, *, part_of_sum: bool = False) -> None:
+        """part_of_sum: the loss is one part of the accumulated step's loss (the parts sum to it), not one
+        micro-batch's mean, so DeepSpeed does not divide it by the accumulation steps."""
+        self.engine.backward(loss, scale_wrt_gas=not part_of_sum)
 
     def step(self) -> dict[str, float]:
         """Finish the micro-batch (DeepSpeed steps the optimizer at accumulation boundaries). grad_norm: the

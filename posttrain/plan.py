@@ -41,7 +41,8 @@ kind is divided by W once the ZeRO stage shards it, and is whole below that stag
 Rows per step: distill micro_batch; warm 2 x micro_batch (chosen, rejected); J-BOND
 micro_batch x (samples_per_prompt + 1) trained (the policy samples and the best anchor sample, as
 policy.bond_step does) and micro_batch x max(samples_per_prompt, anchor_samples) rolled out; WARP
-micro_batch x samples_per_prompt. A rough guide: allocator fragmentation, DeepSpeed buckets and
+micro_batch x samples_per_prompt. The policy's loss runs in passes of policy.rows_per_pass rows
+(whole prompts' groups), so its train step holds one pass's rows. A rough guide: allocator fragmentation, DeepSpeed buckets and
 CUDA context (1-3 GB) are not counted. Measured on CPU (the 270M distilled at T = 8,192, ZeRO 0,
 checkpointing, steady state): 6.29 GiB peak RSS against 6.12 planned (README, "Long context").
 """
@@ -296,6 +297,8 @@ def _policy(cfg: Config, policy: ModelPlan, rm: ModelPlan | None) -> StageMemory
     phases = [(mb * (p.samples_per_prompt + 1), mb * max(p.samples_per_prompt, p.anchor_samples))] \
         if "bond" in p.algorithm else []
     phases += [(mb * p.samples_per_prompt,) * 2] if "warp" in p.algorithm else []
+    # the loss runs in passes of policy.rows_per_pass rows (whole prompts' groups): one pass's activations
+    phases = [(p.prompts_per_pass(mb, t // mb) * (t // mb), r) for t, r in phases]
     train_rows, rollout_rows = max(r[0] for r in phases), max(r[1] for r in phases)
     mem.train = _train_step(cfg, policy, train_rows, images=mb)  # a prompt's images are encoded once
     mem.rollout = _rollout(cfg, policy, rollout_rows)

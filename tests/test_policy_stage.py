@@ -142,3 +142,25 @@ def test_eval_samples_need_a_temperature(tmp_path):
     res = train(tmp_path, "policy.eval_samples=4")
     assert res.returncode == 2 and "policy.eval_samples=4 needs policy.eval_temperature > 0" in res.stderr, \
         res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_loss_in_passes_gives_the_one_pass_step(tmp_path):
+    """policy.rows_per_pass splits the loss's forward/backward into passes of whole prompts (here 2
+    passes of 3 rows: each prompt's 2 samples and its best anchor sample) accumulated into one optimizer
+    step, on 2 ranks with ZeRO-2 (the demo's setting): the same losses, gradient norms and final weights
+    as one pass over all rows."""
+    runs = {}
+    for rows in (0, 3):
+        run = tmp_path / f"rows{rows}"
+        res = train(run, "policy.steps=2", "distributed.zero_stage=2", "policy.algorithm=bond",
+                    f"policy.rows_per_pass={rows}", ranks=2)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        runs[rows] = (records(run, "bond"), load_file(run / "smoke" / "policy" / "bond" / "final" / "model.safetensors"))
+    (one, w_one), (two, w_two) = runs[0], runs[3]
+    assert sorted(one) == sorted(two) == [1, 2]
+    for step in one:
+        assert two[step]["bond/loss"] == pytest.approx(one[step]["bond/loss"], rel=1e-5)
+        assert one[step]["bond/grad_norm"] > 0
+        assert two[step]["bond/grad_norm"] == pytest.approx(one[step]["bond/grad_norm"], rel=1e-4)
+    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) <= 1e-6

@@ -34,8 +34,8 @@ from ..images import image_config
 from ..model import Gemma3
 from ..seeds import derive_seed
 from .policy_warp import run_warp
-from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, rollout, rollout_metrics, score, secondary,
-                 seq_logprobs, train_loop)
+from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, linear_loss_step, loss_passes, rollout,
+                 rollout_metrics, score, secondary, seq_logprobs, train_loop)
 from ..tracking import Tracker
 from .loop import StageResult, finish, finished
 
@@ -61,21 +61,17 @@ def bond_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], 
     best = [[anc[j][int(best_i[j])]] for j in range(len(idx))]
     global_prompts = all_sum([float(ok.sum())])[0]
     norm = max(global_prompts, 1.0) / world_size()  # the engine averages gradients over ranks
-    stats: dict = {}
-
-    def post(lp):  # lp (P, S + 1): the policy samples, then the best anchor sample
-        keep, quant = ok.to(lp.device), q.to(lp.device)  # rewards are scored on the CPU
-        loss, s = jbond_loss(lp[:, :-1][keep], anchor_lp[keep], lp[:, -1][keep], quant[keep], n=p.bon_n,
-                             beta=p.beta, gamma=p.gamma, normalizer=norm)
-        stats.update(s)
-        return loss + 0.0 * lp.sum()  # every rank backpropagates, even with no scored prompt
+    def loss_of(lp):  # lp (P, S + 1): the policy samples, then the best anchor sample
+        keep, quant, a = ok.to(lp.device), q.to(lp.device), anchor_lp.to(lp.device)  # rewards: scored on the CPU
+        return jbond_loss(lp[:, :-1][keep], a[keep], lp[:, -1][keep], quant[keep], n=p.bon_n,
+                          beta=p.beta, gamma=p.gamma, normalizer=norm)
 
     joined = [a + b for a, b in zip(pol, best)]
-    loss = seq_logprobs(engine, prompts, idx, joined, cfg, pad, post=post)
-    engine.backward(loss)
-    info = engine.step()
+    # the best anchor sample's coefficient does not depend on its log-prob: the anchor's own stands in
+    sampled = torch.cat([pol.sequence_logprobs(), anc.sequence_logprobs().gather(1, best_i.view(-1, 1).long())], 1)
+    loss, stats, info = linear_loss_step(engine, prompts, idx, joined, cfg, pad, loss_of, sampled)
     anchor.update(engine, p.eta)
-    return {**info, **rollout_metrics(r_pol, pol, out_pol.metrics), "loss": float(loss.detach()),
+    return {**info, **rollout_metrics(r_pol, pol, out_pol.metrics), "loss": loss,
             "anchor_reward": float(r_anc.nanmean()), **{f"bond/{k}": v for k, v in stats.items()},
             "bond/win_rate": float((won / p.anchor_samples).mean()), "skipped_prompts": float((~ok).sum())}
 
@@ -103,7 +99,8 @@ def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier,
     if (summary := finished(cfg, out_dir, p.steps, "J-BOND")) is not None:
         return summary
     engine = Engine(student, cfg, lr=p.lr, steps=p.steps, warmup_steps=default_warmup(p.steps, p.warmup_steps),
-                    out_dir=out_dir, grad_accum=1)  # one rollout batch per optimizer step: the anchor follows every step
+                    out_dir=out_dir, grad_accum=loss_passes(cfg, p.samples_per_prompt + 1))  # one optimizer step per
+    # rollout batch (the anchor follows every step), in passes of policy.rows_per_pass rows
     start, extra = engine.resume() if cfg.resume else (0, None)
     state = (engine.resumed_rank_state or {}).get("anchor")
     anchor = Anchor(engine, state)

@@ -18,8 +18,8 @@ import torch
 from ..config import Config
 from ..engine import Engine, Frozen, Held, all_sum, barrier, default_warmup, rank, world_size, write_json_atomic
 from ..model import Gemma3
-from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, rollout, rollout_metrics, score,
-                 seq_logprobs, step_seed, train_loop)
+from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, linear_loss_step, loss_passes, rollout,
+                 rollout_metrics, score, seq_logprobs, step_seed, train_loop)
 from ..warp import eta_sweep, warp, warp_loss
 from .loop import DONE, drop_checkpoints, finished
 
@@ -53,19 +53,13 @@ def warp_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], 
     r_pol, out_pol = score(reward, prompts, idx, decode(tok, pol))
     ok = keep_scored(r_pol)
     norm = max(all_sum([float(ok.sum())])[0], 1.0) / world_size()
-    stats: dict = {}
+    def loss_of(lp):
+        keep, r, a = ok.to(lp.device), r_pol.to(lp.device), anchor_lp.to(lp.device)  # rewards: scored on the CPU
+        return warp_loss(lp[keep], a[keep], r[keep], beta=p.warp_beta, normalizer=norm)
 
-    def post(lp):
-        keep, r = ok.to(lp.device), r_pol.to(lp.device)  # rewards are scored on the CPU
-        loss, s = warp_loss(lp[keep], anchor_lp[keep], r[keep], beta=p.warp_beta, normalizer=norm)
-        stats.update(s)
-        return loss + 0.0 * lp.sum()
-
-    loss = seq_logprobs(engine, prompts, idx, pol, cfg, pad, post=post)
-    engine.backward(loss)
-    info = engine.step()
+    loss, stats, info = linear_loss_step(engine, prompts, idx, pol, cfg, pad, loss_of, pol.sequence_logprobs())
     anchor.update(engine, p.warp_mu)
-    return {**info, **rollout_metrics(r_pol, pol, out_pol.metrics), "loss": float(loss.detach()),
+    return {**info, **rollout_metrics(r_pol, pol, out_pol.metrics), "loss": loss,
             **{f"warp/{k}": v for k, v in stats.items()}, "skipped_prompts": float((~ok).sum())}
 
 
@@ -92,7 +86,7 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
         if cfg.resume and final.exists():
             return torch.load(final, weights_only=True)
         engine = Engine(copy.deepcopy(base).to(device), cfg, lr=p.lr, steps=p.steps, warmup_steps=default_warmup(p.steps, p.warmup_steps),
-                        out_dir=rdir, grad_accum=1)
+                        out_dir=rdir, grad_accum=loss_passes(cfg, p.samples_per_prompt))  # one optimizer step per rollout batch
         engine.assign_local(init)
         start, _ = engine.resume() if cfg.resume else (0, None)
         state = (engine.resumed_rank_state or {}).get("anchor")
