@@ -160,6 +160,8 @@ def run_ours(args) -> dict:
         ph.wrap(mod, "seq_logprobs", "reference", when=lambda *a, post=None, **k: post is None)
         ph.wrap(mod, "seq_logprobs", "loss_forward", when=lambda *a, post=None, **k: post is not None)
         ph.wrap(mod, "score", "reward")
+    # linear_loss_step's passes call rl.seq_logprobs (with post), the policy modules their own import
+    ph.wrap(rl, "seq_logprobs", "loss_forward", when=lambda *a, post=None, **k: post is not None)
     ph.wrap(Engine, "backward", "backward")
     ph.wrap(Engine, "step", "optimizer")
     ph.wrap(rl.Anchor, "update", "anchor_update")
@@ -277,8 +279,9 @@ def table(results: dict) -> None:
         if all(v is None for v in vals):
             continue
         cells = " | ".join("-" if v is None else f"{v:.2f}" for v in vals)
-        rs = "".join(f" {results['trl']['seconds'].get(name, float('nan')) / results[s]['seconds'][name]:.2f}x |"
-                     if results[s]["seconds"].get(name) else " - |" for s in ratios)
+        rs = "".join(f" {results['trl']['seconds'][name] / results[s]['seconds'][name]:.2f}x |"
+                     if results[s]["seconds"].get(name) and name in results["trl"]["seconds"] else " - |"
+                     for s in ratios)
         print(f"| {name} | {cells} |{rs}")
     for key, what in (("steady", "peak RSS, steps 2+ (GB)"), ("peak_rss", "peak RSS, whole process (GB)")):
         cells = " | ".join(f"{results[s][key] / 1e9:.2f}" for s in sides)
