@@ -137,10 +137,12 @@ def test_plan_reads_a_source_architecture(tmp_path):
 @pytest.mark.parametrize("samples", [2, 4])
 def test_plan_trains_as_many_jbond_rows_as_the_code(samples):
     """policy.bond_step trains, per prompt, its samples_per_prompt policy samples and the best anchor
-    sample: the plan's train step is that of a distill step with as many rows."""
+    sample, in passes of whole prompts (policy.rows_per_pass): the plan's train step is that of a distill
+    step with one pass's rows (samples 2: both prompts, 6 rows; samples 4: one prompt, 5 rows)."""
     cfg = load_config(["recipe=it_4b", "stages=[policy]", "policy.algorithm=bond",
                        f"policy.samples_per_prompt={samples}"])
-    rows = cfg.data.micro_batch_size * (samples + 1)
+    rows = cfg.policy.prompts_per_pass(cfg.data.micro_batch_size, samples + 1) * (samples + 1)
+    assert rows == {2: 6, 4: 5}[samples]
     same = load_config(["recipe=it_4b", "stages=[distill]", f"data.micro_batch_size={rows}"])
     policy, distill = plan(cfg).stages["policy"].train, plan(same).stages["distill"].train
     vision = policy.pop("vision activations"), distill.pop("vision activations")
