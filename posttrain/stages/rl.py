@@ -240,9 +240,10 @@ def linear_loss_step(engine: Engine, prompts: Prompts, idx: list[int], completio
     leaf = sampled_lp.detach().double().clone().requires_grad_(True)
     coeff = torch.autograd.grad(loss_of(leaf)[0], leaf)[0].float()
     per = cfg.policy.prompts_per_pass(cfg.data.micro_batch_size, len(completions[0]))
-    if -(-len(idx) // per) != loss_passes(cfg, len(completions[0])):  # DeepSpeed steps at its own boundary
-        raise ValueError(f"{len(idx)} prompts make {-(-len(idx) // per)} passes; the engine accumulates "
-                         f"{loss_passes(cfg, len(completions[0]))} (data.micro_batch_size prompts per step)")
+    made, accumulated = -(-len(idx) // per), loss_passes(cfg, len(completions[0]))
+    if made != accumulated:  # DeepSpeed steps at its own boundary
+        raise ValueError(f"{len(idx)} prompts make {made} passes; the engine accumulates {accumulated} "
+                         "(data.micro_batch_size prompts per step)")
     values, info = [], {}
     for s in range(0, len(idx), per):
         c = coeff[s:s + per].to(engine.device)
