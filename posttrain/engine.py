@@ -182,9 +182,11 @@ def _libc():
 
 
 def grad_norm(parameters) -> float:
-    """The L2 norm of all the gradients (float64 sum of squares), as torch.nn.utils.clip_grad_norm_ reports it."""
-    squares = [p.grad.detach().double().square().sum() for p in parameters if p.grad is not None]
-    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    """The L2 norm of all the gradients, as torch.nn.utils.clip_grad_norm_ computes it: each tensor's norm
+    in its own dtype (no copy: a float64 one of the 270M's embedding gradient alone is 1.3 GB), those
+    combined in float64."""
+    norms = [torch.linalg.vector_norm(p.grad.detach()).double() for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def freeze(model: Gemma3, cfg: Config) -> None:
@@ -232,9 +234,12 @@ def ds_config(cfg: Config, *, lr: float, grad_accum: int, train: bool = True) ->
         "bf16": {"enabled": on_gpu and cfg.model.student.dtype == "bfloat16"},
     }
     if train:
-        # torch_adam: torch's AdamW (DeepSpeed's fused CPU Adam needs a C++ build at first use).
-        conf["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": list(d.adam_betas), "eps": d.adam_eps,
-                                                         "weight_decay": d.weight_decay, "torch_adam": not on_gpu}}
+        # torch_adam: torch's AdamW (DeepSpeed's fused CPU Adam needs a C++ build at first use), with its
+        # fused CPU kernel: on the 270M's embedding 12x faster than the default per-tensor loop, and without
+        # its two parameter-sized temporaries (1.3 GB there).
+        params = {"lr": lr, "betas": list(d.adam_betas), "eps": d.adam_eps, "weight_decay": d.weight_decay}
+        conf["optimizer"] = {"type": "AdamW", "params": params if on_gpu else {**params, "torch_adam": True,
+                                                                                "fused": True}}
         if d.offload_optimizer:
             conf["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if d.zero_stage == 3:

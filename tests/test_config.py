@@ -219,8 +219,8 @@ def test_optimizer_knobs_reach_deepspeed_and_warmups_default_as_before():
 
     conf = ds_config(load_config(["recipe=smoke"]), lr=1e-4, grad_accum=1)
     assert conf["gradient_clipping"] == 1.0  # today's values are the defaults
-    assert conf["optimizer"]["params"] | {"torch_adam": None} == {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                                   "weight_decay": 0.0, "torch_adam": None}
+    assert conf["optimizer"]["params"] | {"torch_adam": None, "fused": None} == {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                                   "weight_decay": 0.0, "torch_adam": None, "fused": None}
     cfg = load_config(["recipe=smoke", "distributed.grad_clip=0.5", "distributed.adam_betas=[0.8,0.95]",
                        "distributed.adam_eps=1e-6", "distributed.weight_decay=0.1", "distributed.ds_config.steps_per_print=7"])
     conf = ds_config(cfg, lr=1e-4, grad_accum=1)

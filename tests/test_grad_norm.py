@@ -3,7 +3,9 @@
 DeepSpeed reports no norm with ZeRO 0 (its bare optimizer clips without one), which once logged
 grad_norm = nan in every one-process run; the engine now measures it there itself. The reference is
 torch.nn.utils.clip_grad_norm_ on a copy of the tiny model with the same loss, clipping to 1e-3 so a
-post-clip norm could not pass for the pre-clip one.
+post-clip norm could not pass for the pre-clip one. The copy steps with torch's own AdamW (its default
+per-tensor loop) and LR schedule: the engine's update (torch's fused CPU AdamW under DeepSpeed) must
+leave the same weights.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r"""
 import copy, math, sys, torch
 from posttrain.recipe import load_config
-from posttrain.engine import Engine, WithHead, init_distributed
+from posttrain.engine import Engine, WithHead, init_distributed, lr_lambda
 from posttrain.model import build_model
 from posttrain.losses import chunked_cross_entropy
 
@@ -30,6 +32,8 @@ model = build_model(cfg.model.student.preset_config(), seed=0)
 ref = copy.deepcopy(model)
 engine = Engine(model, cfg, lr=1e-4, steps=3, warmup_steps=0, out_dir=cfg.out_dir / "e")
 gen = torch.Generator().manual_seed(0)
+opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(3, 0))
 
 def loss_fn(ids):
     return lambda h, w: chunked_cross_entropy(h[:, :-1], w, ids[:, 1:])
@@ -46,9 +50,12 @@ for step in range(2):  # the second step's norm, after a clipped update, must be
     assert abs(got - want) <= 1e-4 * want, f"stage {stage} step {step}: engine {got} vs torch {want}"
     assert want > 0.01, f"stage {stage}: norm {want} too small to tell pre-clip from post-clip"
     print("step", step, "engine", got, "torch", want)
-    # follow the engine's weights, so the next step's reference gradient is of the same model
+    opt.step()
+    sched.step()
     with engine.full_weights() as full:
-        ref.load_state_dict(full.state_dict())
+        mine = full.state_dict()
+    worst = max(float((mine[k] - v).abs().max()) for k, v in ref.state_dict().items())
+    assert worst <= 1e-6, f"stage {stage} step {step}: weights differ from torch AdamW's by {worst} (lr 1e-4)"
 print("ok", stage)
 """
 
