@@ -158,10 +158,10 @@ def run_ours(args) -> dict:
         mod.rollout = counted_rollout
         ph.wrap(mod, "rollout", "rollout")
         ph.wrap(mod, "seq_logprobs", "reference", when=lambda *a, post=None, **k: post is None)
-        ph.wrap(mod, "seq_logprobs", "loss_forward", when=lambda *a, post=None, **k: post is not None)
         ph.wrap(mod, "score", "reward")
-    # linear_loss_step's passes call rl.seq_logprobs (with post), the policy modules their own import
-    ph.wrap(rl, "seq_logprobs", "loss_forward", when=lambda *a, post=None, **k: post is not None)
+    # linear_loss_step's passes call rl._completion_forward (their fused head computes its gradients
+    # there: the head's share of backward is timed as loss_forward); the reference's call is inside its phase
+    ph.wrap(rl, "_completion_forward", "loss_forward", when=lambda *a, **k: ph.current != "reference")
     ph.wrap(Engine, "backward", "backward")
     ph.wrap(Engine, "step", "optimizer")
     ph.wrap(rl.Anchor, "update", "anchor_update")

@@ -21,7 +21,9 @@ grad_hidden[chunk] = dz @ W and grad_weight += dz.T @ h. Cost, for N covered tok
   the per-token inputs and recomputes each chunk's logits in backward: 4 GEMMs, +33% head FLOPs
   (on the 270M, whose 262k x 640 head dominates, about +20% of a training step), nothing held.
   Per-token outputs (`sequence_logprobs`) always recompute: their gradient weights are known
-  only in backward. KL to a reference adds one reference-logits GEMM per pass.
+  only in backward. `weighted_logprobs` takes them before the forward (a loss linear in the
+  log-probs, such as the RL losses) and is fused. KL to a reference adds one reference-logits
+  GEMM per pass.
 - Precision: softmax, losses and accumulation in float32 (float64 inputs stay float64, for
   gradcheck). On CUDA, bf16/fp16 operands stay low precision in the GEMMs, with float32
   accumulation and output (`torch.mm(..., out_dtype=torch.float32)`, torch >= 2.8).
@@ -149,21 +151,24 @@ class _ChunkedHead(torch.autograd.Function):
     """kernel(hidden @ weight.T) row by row, in chunks of `chunk` tokens (module docstring).
 
     fused=False: returns per-token values (N,); backward recomputes each chunk's logits.
-    fused=True: returns (sum of values, values without grad) and computes the gradients of the
-    sum in the same pass; backward only scales them. Use it only when a backward can come.
+    fused=True: returns (sum of scale * values, values without grad) and computes the gradients
+    of that sum in the same pass; backward only scales them. Use it only when a backward can come.
+    scale: per-token weights (N,) without grad, or None for 1 (fused only).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, kernel, chunk, fused, *rows):
-        ctx.fused, ctx.n_rows, ctx.kernel, ctx.chunk = fused, len(rows), kernel, chunk
+    def forward(ctx, hidden, weight, kernel, chunk, fused, scale, *rows):
+        if scale is not None and not fused:
+            raise ValueError("a per-token scale needs fused=True (the unfused output is per token)")
+        ctx.fused, ctx.n_rows, ctx.kernel, ctx.chunk, ctx.scale = fused, len(rows), kernel, chunk, scale
         ctx.save_for_backward(hidden, weight, *rows)  # fused: only for a second backward (retain_graph)
         if not fused:
             return _head_pass(hidden, weight, kernel, chunk, rows, None, False, False)[0]
-        values, ctx.grad_h, ctx.grad_w = _head_pass(hidden, weight, kernel, chunk, rows, 1,
-                                                    *ctx.needs_input_grad[:2])
+        values, ctx.grad_h, ctx.grad_w = _head_pass(hidden, weight, kernel, chunk, rows,
+                                                    1 if scale is None else scale, *ctx.needs_input_grad[:2])
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(values)
-        return values.sum(), values
+        return (values.sum() if scale is None else (values * scale).sum()), values
 
     @staticmethod
     @once_differentiable
@@ -177,12 +182,13 @@ class _ChunkedHead(torch.autograd.Function):
             gw = None if gw is None else gw.mul_(grad_out).to(ctx.weight_dtype)
         else:
             hidden, weight, *rows = ctx.saved_tensors
-            if ctx.fused:  # the output was the sum: every token gets the same scale
+            if ctx.fused:  # the output was the (scaled) sum: every token gets the outer scale
                 grad_out = grad_out.expand(hidden.shape[0])
+                grad_out = grad_out if ctx.scale is None else grad_out * ctx.scale
             _, gh, gw = _head_pass(hidden, weight, ctx.kernel, ctx.chunk, rows, grad_out,
                                    *ctx.needs_input_grad[:2])
             gw = None if gw is None else gw.to(weight.dtype)
-        return (gh, gw, None, None, None) + (None,) * ctx.n_rows
+        return (gh, gw, None, None, None, None) + (None,) * ctx.n_rows
 
 
 # ---------------------------------------------------------------- plumbing
@@ -223,9 +229,9 @@ def _norm(covered: int, normalizer):
 def _reduced(hidden, weight, kernel, rows, chunk, normalizer, fused):
     """(sum of per-token values / normalizer, per-token values without grad) over the given rows."""
     if fused and torch.is_grad_enabled():
-        total, values = _ChunkedHead.apply(hidden, weight, kernel, chunk, True, *rows)
+        total, values = _ChunkedHead.apply(hidden, weight, kernel, chunk, True, None, *rows)
     else:
-        values = _ChunkedHead.apply(hidden, weight, kernel, chunk, False, *rows)
+        values = _ChunkedHead.apply(hidden, weight, kernel, chunk, False, None, *rows)
         total, values = values.sum(), values.detach()
     return total / _norm(hidden.shape[0], normalizer), values
 
@@ -399,5 +405,29 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     idx, h, (t,) = _covered(hidden, weight, mask, targets)
     t = t.long()[:, None]  # (n, 1)
     ones = torch.ones(t.shape, dtype=_acc_dtype(weight), device=t.device)
-    values = _ChunkedHead.apply(h, weight, _soft_ce, chunk_tokens, False, t, ones)  # -log p
+    values = _ChunkedHead.apply(h, weight, _soft_ce, chunk_tokens, False, None, t, ones)  # -log p
     return _spread(-values, idx, hidden.shape[:-1])
+
+
+def weighted_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      token_weights: torch.Tensor, mask: torch.Tensor | None = None,
+                      chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over covered tokens of token_weights * log softmax(W h)[target], WITH gradient;
+    log softmax(W h)[target] per token, without), never N x V.
+
+    For a loss linear in the log-probs whose coefficients are known before the forward (the RL
+    losses: rl.linear_loss_step): the same gradient as (token_weights * sequence_logprobs(...)).sum(),
+    computed fused in the forward pass, so the head costs 3 GEMMs instead of 4 (module docstring).
+    token_weights (...) like targets, without grad; per-token log-probs are 0 where mask is False.
+    """
+    idx, h, (t, tw) = _covered(hidden, weight, mask, targets, token_weights)
+    t = t.long()[:, None]  # (n, 1)
+    acc = _acc_dtype(weight)
+    ones = torch.ones(t.shape, dtype=acc, device=t.device)
+    scale = -tw.detach().to(acc)  # the values are -log p
+    if torch.is_grad_enabled():
+        total, values = _ChunkedHead.apply(h, weight, _soft_ce, chunk_tokens, True, scale, t, ones)
+    else:
+        values = _ChunkedHead.apply(h, weight, _soft_ce, chunk_tokens, False, None, t, ones)
+        total = (values * scale).sum()
+    return total, _spread(-values.detach(), idx, hidden.shape[:-1])

@@ -25,6 +25,7 @@ from posttrain.losses import (
     sequence_logprobs,
     teacher_targets,
     topk_teacher_targets,
+    weighted_logprobs,
 )
 from posttrain.pg import leave_one_out_baseline, reinforce_loss
 
@@ -233,6 +234,23 @@ def test_sequence_logprobs_values_and_gradients(chunk):
     torch.testing.assert_close(lp, want, **TOL)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_weighted_logprobs_are_the_weighted_sum_of_sequence_logprobs(chunk):
+    """The fused form of (weights * sequence_logprobs).sum() the RL step uses: same value and
+    gradients, the per-token log-probs beside it, zero weights (rows whose coefficient is 0) included."""
+    h, w, mask, g = problem()
+    t = torch.randint(0, V, LEAD, generator=g)
+    weights = torch.randn(LEAD, generator=g)
+    weights[0, :4] = 0.0
+    total, lp = weighted_logprobs(h, w, t, weights, mask, chunk)
+    want = sequence_logprobs(h, w, t, mask, chunk)
+    assert not lp.requires_grad
+    torch.testing.assert_close(lp, want.detach(), **TOL)
+    assert_same(with_grads(total, h, w), with_grads((want * weights).sum(), h, w))
+    with torch.no_grad():
+        torch.testing.assert_close(weighted_logprobs(h, w, t, weights, mask, chunk)[0], total.detach(), **TOL)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_gradcheck_float64(fused):
     """Both Function modes (fused, recompute) and every kernel, on float64, chunks not dividing N."""
@@ -250,7 +268,8 @@ def test_gradcheck_float64(fused):
            lambda h, w: chunked_topk_kl(h, w, top_ids, probs[:, :2].log(), mask, 3, fused=fused),
            lambda h, w: chunked_kl_to_reference(h, w, ref_h, ref_w, mask, "reverse", 2, fused=fused),
            lambda h, w: chunked_kl_to_reference(h, w, ref_h, ref_w, mask, "forward", 4, fused=fused),
-           lambda h, w: sequence_logprobs(h, w, t, mask, 3)]
+           lambda h, w: sequence_logprobs(h, w, t, mask, 3),
+           lambda h, w: weighted_logprobs(h, w, t, probs[:, 0] - 0.5, mask, 2)[0]]
     # fused: a repeated backward recomputes instead of handing over the held gradients, so the
     # two agree to float64 rounding, not bit for bit
     for fn in fns:
@@ -307,6 +326,9 @@ def test_gemm_counts_match_the_documented_cost():
     assert probe(lambda: chunked_cross_entropy(h, w, t, None, 8, fused=False), h).gemms == 4 * chunks
     with torch.no_grad():  # forward only: no gradient work even when fused
         assert probe(lambda: chunked_cross_entropy(h, w, t, None, 8)).gemms == chunks
+    weights = torch.rand(24)
+    assert probe(lambda: weighted_logprobs(h, w, t, weights, None, 8)[0], h).gemms == 3 * chunks
+    assert probe(lambda: sequence_logprobs(h, w, t, None, 8).mul(weights).sum(), h).gemms == 4 * chunks
 
 
 def test_peak_memory_is_a_chunk_not_n_by_v():

@@ -21,7 +21,7 @@ from ..engine import Engine, all_sum, rank, world_size
 from ..errors import UserError
 from ..images import ImageConfig, encode_chat, preprocess, row_images
 from ..loader import collate
-from ..losses import sequence_logprobs
+from ..losses import sequence_logprobs, weighted_logprobs
 from ..merge import ema_
 from ..sampler import Sampler
 from ..seeds import derive_seed
@@ -213,10 +213,10 @@ def seq_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: 
     """log pi(y) per completion, (P, n), through the engine (grad unless under no_grad). `post`, when
     given, maps that tensor to a loss inside the engine's forward (ZeRO-3 keeps the head gathered).
     A prompt's images are encoded once for its n completions (engine.module's image_index)."""
-    n = len(completions[0])
+    n, chunk = len(completions[0]), cfg.data.loss_chunk_tokens
 
-    def per_sequence(lp, mask):
-        lp = lp.sum(-1).view(len(idx), n)
+    def per_sequence(h, w, targets, mask):
+        lp = sequence_logprobs(h, w, targets, mask, chunk).sum(-1).view(len(idx), n)
         return lp if post is None else post(lp)
 
     return _completion_forward(engine, prompts, idx, completions, cfg, pad_id, per_sequence)
@@ -235,8 +235,9 @@ def linear_loss_step(engine: Engine, prompts: Prompts, idx: list[int], completio
     sum_i (d loss / d lp_i) grad lp_i, a sum over rows: each pass backpropagates its rows' share and
     the engine accumulates them (its gradient accumulation steps: loss_passes) into one optimizer step.
     The coefficients are taken at sampled_lp, the sampler's log pi(y) (the training forward's own, within
-    1e-5 in float32: tests/test_logprob_agreement.py); the loss and stats returned are loss_of at the
-    training forward's log-probs, as one pass would report them. Returns (loss, stats, engine.step's info)."""
+    1e-5 in float32: tests/test_logprob_agreement.py). Known before the forward, they make each pass's
+    head fused (losses.weighted_logprobs: 3 head GEMMs, not 4). The loss and stats returned are loss_of at
+    the training forward's log-probs, as one pass would report them. Returns (loss, stats, engine.step's info)."""
     leaf = sampled_lp.detach().double().clone().requires_grad_(True)
     coeff = torch.autograd.grad(loss_of(leaf)[0], leaf)[0].float()
     per = cfg.policy.prompts_per_pass(cfg.data.micro_batch_size, len(completions[0]))
@@ -244,16 +245,19 @@ def linear_loss_step(engine: Engine, prompts: Prompts, idx: list[int], completio
     if made != accumulated:  # DeepSpeed steps at its own boundary
         raise ValueError(f"{len(idx)} prompts make {made} passes; the engine accumulates {accumulated} "
                          "(data.micro_batch_size prompts per step)")
-    values, info = [], {}
+    values, info, chunk = [], {}, cfg.data.loss_chunk_tokens
     for s in range(0, len(idx), per):
         c = coeff[s:s + per].to(engine.device)
 
-        def part(lp, c=c):
-            values.append(lp.detach().float().cpu())
-            return (c * lp).sum() + 0.0 * lp.sum()  # every rank backpropagates, even with zero weights
+        def part(h, w, targets, mask, c=c):
+            # one weight per row (its completion's coefficient) on each of its tokens; a zero-weight
+            # row still backpropagates (zeros), so every rank's engine takes part
+            total, lp = weighted_logprobs(h, w, targets, c.reshape(-1, 1).expand(targets.shape), mask, chunk)
+            values.append(lp.sum(-1).view(c.shape).float().cpu())
+            return total
 
-        engine.backward(seq_logprobs(engine, prompts, idx[s:s + per], completions[s:s + per], cfg, pad_id, post=part),
-                        part_of_sum=True)
+        engine.backward(_completion_forward(engine, prompts, idx[s:s + per], completions[s:s + per], cfg, pad_id,
+                                            part), part_of_sum=True)
         info = engine.step()  # DeepSpeed steps the optimizer after the last pass
     with torch.no_grad():
         loss, stats = loss_of(torch.cat(values))
@@ -265,16 +269,17 @@ def token_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions
                    cfg: Config, pad_id: int) -> list[list[list[float]]]:
     """log pi(y_t | prompt, y_<t) of every completion token, out[prompt][sample][t], by the training
     forward (the numbers seq_logprobs sums): what the sampler's own log-probs must equal."""
-    n = len(completions[0])
-    lp, mask = _completion_forward(engine, prompts, idx, completions, cfg, pad_id, lambda lp, mask: (lp, mask))
+    n, chunk = len(completions[0]), cfg.data.loss_chunk_tokens
+    lp, mask = _completion_forward(engine, prompts, idx, completions, cfg, pad_id,
+                                   lambda h, w, t, m: (sequence_logprobs(h, w, t, m, chunk), m))
     rows = [row[m].tolist() for row, m in zip(lp.float(), mask)]
     return [rows[i * n:(i + 1) * n] for i in range(len(idx))]
 
 
 def _completion_forward(engine: Engine, prompts: Prompts, idx: list[int], completions: list[list[list[int]]],
                         cfg: Config, pad_id: int, fn):
-    """fn(per-token log-probs (rows, T), completion mask (rows, T)) inside the engine's forward, the
-    rows being prompt idx[i]'s completions, one per row, in order."""
+    """fn(final hidden states, head weight, targets (rows, T), completion mask (rows, T)) inside the
+    engine's forward, the rows being prompt idx[i]'s completions, one per row, in order."""
     n = len(completions[0])
     examples = [Example(prompts.ids[i] + c, [False] * len(prompts.ids[i]) + [True] * len(c))
                 for i, row in zip(idx, completions) for c in row]
@@ -292,8 +297,7 @@ def _completion_forward(engine: Engine, prompts: Prompts, idx: list[int], comple
                       "image_index": torch.tensor(index, device=engine.device)}
 
     def head(h, w):
-        lp = sequence_logprobs(h, w, batch.targets.clamp_min(0), batch.loss_mask, cfg.data.loss_chunk_tokens)
-        return fn(lp, batch.loss_mask)
+        return fn(h, w, batch.targets.clamp_min(0), batch.loss_mask)
 
     return engine.module(head, batch.ids, batch.positions, batch.segments, **images)
 
