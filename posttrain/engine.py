@@ -158,6 +158,15 @@ def _sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def _rebuild_persistent(p: torch.Tensor) -> None:
+    """After this rank's ZeRO-3 part changed: a parameter small enough to stay whole on every rank
+    (persistent) gets its whole value rebuilt from the ranks' parts, so the next forward sees the change."""
+    if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel:
+        parts = [torch.empty_like(p.ds_tensor) for _ in range(world_size())]
+        dist.all_gather(parts, p.ds_tensor)
+        p.data.copy_(torch.cat(parts)[:p.ds_numel].view(p.data.shape))
+
+
 def release_host_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op).
 
@@ -301,13 +310,31 @@ class Held:
                 p.data.copy_(shards[name])
                 continue
             p.ds_tensor.copy_(shards[name])
-            if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel:
-                parts = [torch.empty_like(p.ds_tensor) for _ in range(world_size())]
-                dist.all_gather(parts, p.ds_tensor)
-                p.data.copy_(torch.cat(parts)[:p.ds_numel].view(p.data.shape))
+            _rebuild_persistent(p)
         refresh = getattr(getattr(self.engine, "optimizer", None), "refresh_fp32_params", None)
         if refresh_master and refresh is not None:
             refresh()
+
+    @torch.no_grad()
+    def swap_local(self, shards: dict[str, torch.Tensor], *, slice_elems: int = 1 << 24) -> None:
+        """Exchange the values of the parts of the parameters this rank holds with `shards` (local_shards'
+        layout and dtypes), in place, a slice at a time: 64 MiB of scratch instead of a copy of the model
+        (the 270M's float32 weights are 1.07 GB). A second swap puts both back bit for bit. The optimizer's
+        master weights are left alone (assign_local's refresh_master=False): swap back before a step."""
+        for name, p in self.wrapped.named_parameters():
+            mine, other = (p.ds_tensor if _sharded(p) else p.data), shards[name]
+            if mine.dtype != other.dtype or mine.shape != other.shape or not (mine.is_contiguous()
+                                                                               and other.is_contiguous()):
+                raise ValueError(f"swap_local: {name} is {mine.dtype} {tuple(mine.shape)}, the shard given "
+                                 f"{other.dtype} {tuple(other.shape)}; both must match and be contiguous "
+                                 "(assign_local converts)")
+            a, b = mine.view(-1), other.view(-1)
+            for s in range(0, a.numel(), slice_elems):
+                scratch = a[s:s + slice_elems].clone()
+                a[s:s + slice_elems].copy_(b[s:s + slice_elems])
+                b[s:s + slice_elems].copy_(scratch)
+            if _sharded(p):
+                _rebuild_persistent(p)
 
     @contextlib.contextmanager
     def full_weights(self):

@@ -3,7 +3,9 @@
 ZeRO 1-3 keep float32 master copies inside the optimizer; writing new values into the parameters
 alone would be undone by the next step (it would update the old master and copy it back). WARP
 starts each iteration's runs from the LITI result this way, so this is the property it rests on.
-A swap with refresh_master=False (the EMA anchor) must leave the master copy alone.
+A swap with refresh_master=False (the EMA anchor) must leave the master copy alone. swap_local (the
+anchor's in-place exchange) must put the other values where the forward sees them (ZeRO-3's whole small
+parameters too) and give both sides back bit for bit.
 """
 from __future__ import annotations
 
@@ -51,6 +53,26 @@ step()
 after = engine.local_shards()
 far = max(float((after[k] - kept[k]).abs().max()) for k in after)
 assert far < 0.01, f"stage {stage}: a swap without refresh changed the master weights ({far})"
+
+# swap_local: the forward sees the other values; swapping again restores both exactly
+def loss_now():
+    with torch.no_grad():
+        return float(engine.module(lambda h, w: chunked_cross_entropy(h[:, :-1], w, ids[:, 1:]), ids))
+
+mine = {k: v.detach().clone() for k, v in engine.local_shards().items()}
+other = {k: v + 0.25 for k, v in mine.items()}
+theirs = {k: v.clone() for k, v in other.items()}
+engine.assign_local(theirs, refresh_master=False)
+want = loss_now()
+engine.assign_local(mine, refresh_master=False)
+engine.swap_local(other)
+assert abs(loss_now() - want) <= 1e-6 * abs(want), f"stage {stage}: the forward does not see the swapped values"
+assert all(torch.equal(other[k], mine[k]) for k in mine), f"stage {stage}: the swap lost the engine's values"
+engine.swap_local(other)
+now = engine.local_shards()
+assert all(torch.equal(now[k], mine[k]) and torch.equal(other[k], theirs[k]) for k in mine), \
+    f"stage {stage}: swapping back is not exact"
+assert loss_now() != want
 print("ok", stage)
 """
 

@@ -311,7 +311,18 @@ class Anchor:
 
     @contextlib.contextmanager
     def swapped_in(self, engine: Engine):
-        mine = {k: v.detach().clone() for k, v in engine.local_shards().items()}
+        """The anchor's values in the engine for the duration. A float32 policy exchanges values with
+        the anchor in place (Engine.swap_local: no copy of the model); another dtype keeps a copy of
+        its own values aside, so the float32 anchor never passes through the lower precision."""
+        shards = engine.local_shards()
+        if all(v.dtype == self.state[k].dtype for k, v in shards.items()):
+            engine.swap_local(self.state)
+            try:
+                yield
+            finally:
+                engine.swap_local(self.state)
+            return
+        mine = {k: v.detach().clone() for k, v in shards.items()}
         engine.assign_local(self.state, refresh_master=False)
         try:
             yield
