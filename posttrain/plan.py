@@ -31,10 +31,14 @@ kind is divided by W once the ZeRO stage shards it, and is whole below that stag
     logits: the losses are chunked, so one chunk of min(loss_chunk_tokens, rows x T) tokens x V
         x 4 bytes x 2 (float32 logits and their log-softmax, which becomes the gradient in place)
         -- never rows x T x V
+    head gradient: with a trained (tied) embedding, the fused head holds its float32 V x C gradient
+        from forward to backward; when a step has several passes (the policy's loss passes) it sits
+        beside the gradients of the passes before, until autograd adds it to them
     distill's live teacher targets, a phase of their own before the student's forward: one chunk x V
         x 4 bytes x 3 (logits, log-probs, Gumbel keys; x 2 for topk targets, which draw no keys)
     rollouts: KV cache rows x 2 K D bytes x (G T + S min(window, T)) for G global and S sliding
-        layers, plus under stage 3 the sampling model gathered whole (P x bytes), once per phase
+        layers, plus under stage 3 the sampling model gathered whole (P x bytes), once per phase;
+        on a CPU, the sampler's oneDNN-packed copy of a float32 model's weights (4P) while it samples
 
     peak = persistent (trained + frozen + anchor) + max(train step, rollout phase, merge, targets)
 
@@ -51,6 +55,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, fields
+
+import torch
 
 from .config import Config, ModelSpec
 from .embedded import EMBEDDED_NAME
@@ -244,7 +250,13 @@ def _rollout(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
     out = {"KV cache": kv_cache_bytes(a, T, rows, b)}
     if cfg.distributed.zero_stage == 3:
         out["gathered weights"] = b * m.counts["total"]
+    if m.dtype == "float32" and not _on_gpu():  # sampler.PackedWeights (bf16 packs only on some CPUs)
+        out["packed weights (CPU)"] = 4 * m.counts["total"]
     return out
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
 
 
 def _distill(cfg: Config, student: ModelPlan, teacher: ModelPlan, section=None) -> StageMemory:
@@ -298,9 +310,11 @@ def _policy(cfg: Config, policy: ModelPlan, rm: ModelPlan | None) -> StageMemory
         if "bond" in p.algorithm else []
     phases += [(mb * p.samples_per_prompt,) * 2] if "warp" in p.algorithm else []
     # the loss runs in passes of policy.rows_per_pass rows (whole prompts' groups): one pass's activations
-    phases = [(p.prompts_per_pass(mb, t // mb) * (t // mb), r) for t, r in phases]
+    raw, phases = phases, [(p.prompts_per_pass(mb, t // mb) * (t // mb), r) for t, r in phases]
     train_rows, rollout_rows = max(r[0] for r in phases), max(r[1] for r in phases)
     mem.train = _train_step(cfg, policy, train_rows, images=mb)  # a prompt's images are encoded once
+    if train_rows < max(r[0] for r in raw) and not cfg.model.freeze_embeddings:  # several passes
+        mem.train["head gradient (fp32)"] = 4 * policy.counts["embedding"]  # whole, as autograd makes it
     mem.rollout = _rollout(cfg, policy, rollout_rows)
     return mem
 

@@ -146,6 +146,11 @@ def test_plan_trains_as_many_jbond_rows_as_the_code(samples):
     same = load_config(["recipe=it_4b", "stages=[distill]", f"data.micro_batch_size={rows}"])
     policy, distill = plan(cfg).stages["policy"].train, plan(same).stages["distill"].train
     vision = policy.pop("vision activations"), distill.pop("vision activations")
+    # with several passes (samples 4: two) and the embedding trained (it_4b), the fused head's float32
+    # V x C gradient sits beside the earlier passes' gradients; one pass (samples 2) has none
+    arch = plan(cfg).models["student"].arch
+    head = 4 * arch.vocab_size * arch.hidden_size
+    assert policy.pop("head gradient (fp32)", None) == (head if samples == 4 else None)
     assert policy == distill
     # the tower encodes each prompt's images once, however many samples it has
     one_per_prompt = load_config(["recipe=it_4b", "stages=[distill]"])
