@@ -157,7 +157,7 @@ def run_ours(args) -> dict:
     for mod in (policy, policy_warp):
         mod.rollout = counted_rollout
         ph.wrap(mod, "rollout", "rollout")
-        ph.wrap(mod, "seq_logprobs", "reference", when=lambda *a, post=None, **k: post is None)
+        ph.wrap(mod, "seq_logprobs", "reference")
         ph.wrap(mod, "score", "reward")
     # linear_loss_step's passes call rl._completion_forward (their fused head computes its gradients
     # there: the head's share of backward is timed as loss_forward); the reference's call is inside its phase

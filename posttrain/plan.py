@@ -250,13 +250,9 @@ def _rollout(cfg: Config, m: ModelPlan, rows: int) -> dict[str, int]:
     out = {"KV cache": kv_cache_bytes(a, T, rows, b)}
     if cfg.distributed.zero_stage == 3:
         out["gathered weights"] = b * m.counts["total"]
-    if m.dtype == "float32" and not _on_gpu():  # sampler.PackedWeights (bf16 packs only on some CPUs)
+    if m.dtype == "float32" and not torch.cuda.is_available():  # sampler.PackedWeights (bf16 packs only on some CPUs)
         out["packed weights (CPU)"] = 4 * m.counts["total"]
     return out
-
-
-def _on_gpu() -> bool:
-    return torch.cuda.is_available()
 
 
 def _distill(cfg: Config, student: ModelPlan, teacher: ModelPlan, section=None) -> StageMemory:

@@ -209,15 +209,13 @@ def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Confi
 
 
 def seq_logprobs(engine: Engine, prompts: Prompts, idx: list[int], completions: list[list[list[int]]], cfg: Config,
-                 pad_id: int, post=None):
-    """log pi(y) per completion, (P, n), through the engine (grad unless under no_grad). `post`, when
-    given, maps that tensor to a loss inside the engine's forward (ZeRO-3 keeps the head gathered).
+                 pad_id: int):
+    """log pi(y) per completion, (P, n), through the engine (grad unless under no_grad).
     A prompt's images are encoded once for its n completions (engine.module's image_index)."""
     n, chunk = len(completions[0]), cfg.data.loss_chunk_tokens
 
     def per_sequence(h, w, targets, mask):
-        lp = sequence_logprobs(h, w, targets, mask, chunk).sum(-1).view(len(idx), n)
-        return lp if post is None else post(lp)
+        return sequence_logprobs(h, w, targets, mask, chunk).sum(-1).view(len(idx), n)
 
     return _completion_forward(engine, prompts, idx, completions, cfg, pad_id, per_sequence)
 
