@@ -209,8 +209,8 @@ def test_stopped_rows_leave_the_batch_and_the_rest_stay_exact(model):
     free = sampler.generate(prompts, max_new_tokens=12, temperature=0, stop_token_ids=[])
     stop_id = free[1][0].tokens[2]
     sizes = []
-    decode = sampler._decode
-    sampler._decode = lambda cache, token, pos: sizes.append(token.shape[0]) or decode(cache, token, pos)
+    decode = sampler._decode_step
+    sampler._decode_step = lambda cache, token, pos: sizes.append(token.shape[0]) or decode(cache, token, pos)
     out = sampler.generate(prompts, max_new_tokens=12, temperature=0, stop_token_ids=[stop_id])
     for f, (c,) in zip(free, out):
         want = f[0].tokens[:f[0].tokens.index(stop_id) + 1] if stop_id in f[0].tokens else f[0].tokens
