@@ -36,6 +36,7 @@ from posttrain.model import Gemma3, add_vision, build_model, param_counts, prune
 from posttrain.plan import check_arch, kept_layers, plan, with_vision
 from posttrain.sampler import Sampler
 from posttrain.seeds import derive_seed
+from posttrain.summary import summary_rows, summary_table
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -140,33 +141,6 @@ def export(cfg: Config, models: dict, tok) -> None:
     log(f"exported the student to {out} ({cfg.export.dtype})")
 
 
-def summary_table(summaries: dict) -> str:
-    """Per stage, the held-out metrics before -> after (WARM: the accuracy table)."""
-    lines = ["summary (held-out)", f"  {'stage':14s} {'metric':22s} {'before':>8s} {'after':>8s}"]
-
-    def rows(stage: str, before: dict, after: dict) -> None:
-        for key in sorted(set(before) | set(after)):
-            b, a = before.get(key), after.get(key)
-            if isinstance(a, (int, float)) and key != "eval/tokens":
-                lines.append(f"  {stage:14s} {key:22s} {'-' if b is None else f'{b:.4f}':>8s} {a:8.4f}")
-
-    if "distill" in summaries:
-        rows("distill", summaries["distill"].get("before", {}), summaries["distill"].get("after", {}))
-    if "warm" in summaries:
-        w = summaries["warm"]
-        for key in ("probe_accuracy", "mean_member_accuracy", "ens_accuracy", "warm_accuracy"):
-            if isinstance(w.get(key), float):
-                lines.append(f"  {'warm':14s} {key:22s} {'':>8s} {w[key]:8.4f}")
-    for part in ("bond", "warp"):
-        s = summaries.get("policy", {}).get(part)
-        if s:
-            rows(f"policy/{part}", s.get("before", {}), s.get("after", {}))
-    if "qat" in summaries:  # before: post-training quantization of the same weights
-        q = summaries["qat"]
-        rows(f"qat/{q.get('format', '?')}", q.get("before", {}), q.get("after", {}))
-    return "\n".join(lines) if len(lines) > 2 else ""  # no held-out metrics: no table
-
-
 # Each stage takes (cfg, models, tokenizer) and writes <run_dir>/<name>/<stage>/.
 STAGES = {
     "distill": distill,  # posttrain/stages/distill.py
@@ -264,7 +238,7 @@ def run_locked(cfg: Config) -> int:
         STAGES[name](cfg, models, tok)
     summaries = models.get("summaries", {})
     if summaries:
-        if table := summary_table(summaries):
+        if table := summary_table(summary_rows(summaries)):
             log("\n" + table)
         if RANK == 0:
             from posttrain.engine import write_json_atomic

@@ -8,8 +8,9 @@
 Names (`data.NAMES`): `arithmetic` (training problems), `arithmetic_eval` (held-out problems:
 other split, other seed), `arithmetic_pairs` (preference pairs: correct vs wrong final answer),
 `arithmetic_copy_pairs` (right working, final answer contradicting it),
-`safety_prompts` (labelled harmful and benign prompts), `demo_prompts` (the arithmetic problems
-with the safety prompts spread among them: the demo's policy prompts), `shape_colours` /
+`safety_prompts` (labelled harmful and benign prompts), `safety_prompts_train` / `safety_prompts_eval`
+(the same, split by a hash of the text: one in three held out), `demo_prompts` (the arithmetic problems
+with the training split of the safety prompts spread among them: the demo's policy prompts), `shape_colours` /
 `shape_colours_eval` (images: the colour of a drawn shape, for the vision demo). Each is a list of dict rows.
 """
 
@@ -22,12 +23,12 @@ from posttrain.errors import UserError
 
 from . import arithmetic as _arithmetic
 from . import shapes as _shapes
-from .safety import load_safety_prompts
+from .safety import load_safety_prompts, safety_split
 
 def demo_prompts() -> list[dict]:
-    """Policy prompts for the demo: the arithmetic problems (math reward, `answer`) with the labelled
-    safety prompts (safety reward, `harmful`/`category`) spread evenly among them."""
-    math_rows, safety_rows = _arithmetic.arithmetic(), load_safety_prompts()
+    """Policy prompts for the demo: the arithmetic problems (math reward, `answer`) with the training split
+    of the labelled safety prompts (safety reward, `harmful`/`category`) spread evenly among them."""
+    math_rows, safety_rows = _arithmetic.arithmetic(), safety_split(load_safety_prompts(), "train")
     every = max(1, len(math_rows) // len(safety_rows))
     out = []
     for i, row in enumerate(math_rows):
@@ -43,6 +44,8 @@ BUNDLED: dict[str, Callable[[], list[dict]]] = {
     "arithmetic_pairs": _arithmetic.arithmetic_pairs,
     "arithmetic_copy_pairs": _arithmetic.arithmetic_copy_pairs,
     "safety_prompts": load_safety_prompts,
+    "safety_prompts_train": lambda: safety_split(load_safety_prompts(), "train"),
+    "safety_prompts_eval": lambda: safety_split(load_safety_prompts(), "eval"),
     "demo_prompts": demo_prompts,
     "shape_colours": _shapes.shape_colours,
     "shape_colours_eval": _shapes.shape_colours_eval,

@@ -10,17 +10,31 @@ Row keys: `prompt`; `harmful` (bool); `category` (S1-S14, the Llama Guard hazard
 harmful rows; None for benign); `looks_like` (the category a benign prompt could be mistaken
 for, or None). The columns `harmful` and `category` are what the safety reward reads. Written
 for this project: every category has at least three harmful prompts.
+
+Splits: `safety_split(rows, "train" | "eval")` keeps the prompts whose text hashes to that split (one in
+three is held out: 35 of the 86, 18 harmful and 17 benign), so the demo's policy never trains on the
+prompts its held-out refusal rates are measured on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 from posttrain.errors import UserError
 from rewards.safety import HAZARD_CATEGORIES
 
 SAFETY_PROMPTS = Path(__file__).resolve().parent / "safety_prompts.jsonl"
+EVAL_SHARE = 3  # one prompt in EVAL_SHARE (by a hash of its text) is held out
+
+
+def safety_split(rows: list[dict], split: Literal["train", "eval"]) -> list[dict]:
+    """The rows of one split: a prompt is "eval" when the hash of its text is 0 mod EVAL_SHARE."""
+    def held(row: dict) -> bool:
+        return int.from_bytes(hashlib.sha256(row["prompt"].encode()).digest()[:8], "big") % EVAL_SHARE == 0
+    return [r for r in rows if held(r) == (split == "eval")]
 
 
 def load_safety_prompts(path: str | Path = SAFETY_PROMPTS) -> list[dict]:

@@ -201,6 +201,10 @@ class DataSection(Section):
     eval_preferences: Optional[str] = Field(None, description="held-out preference pairs; null = a share "
                                             "(warm.eval_share) of data.preferences")
     prompts: Optional[str] = Field(None, description="policy-stage prompts with the columns their rewards need")
+    eval_safety: Optional[str] = Field(None, description="held-out labelled safety prompts (a `prompt` and a "
+                                       "boolean `harmful` per row, e.g. safety_prompts_eval): the policy stage "
+                                       "reports refusals of the harmful ones and over-refusals of the benign ones, "
+                                       "before and after")
     eval_prompts: list[str] = Field(default_factory=list, description="a few prompts whose greedy "
                                     "continuations are printed as a smoke evaluation")
     max_seq_len: int = Field(1024, ge=8, description="tokens per training sequence (prompt + reply)")
@@ -496,7 +500,7 @@ class Config(Section):
         files, model sources, reward names and their options. Checked when the config is read, before any
         weights load (train.py stops; a dry run lists them and exits 2); nothing is loaded or built."""
         problems = []
-        for key in ("train", "eval", "prompts", "preferences", "eval_preferences"):
+        for key in ("train", "eval", "prompts", "preferences", "eval_preferences", "eval_safety"):
             name = getattr(self.data, key)
             if name is not None and (problem := _data_problem(str(name))):
                 problems.append(f"data.{key}: {problem}")

@@ -1,7 +1,11 @@
-"""Write PNG curves of a run's metrics: `python -m posttrain.plot RUN_DIR [--out DIR]`.
+"""Write PNG figures of a run: `python -m posttrain.plot RUN_DIR [--out DIR]`.
 
-Reads every metrics.jsonl at or below RUN_DIR (one per stage) and draws one PNG per metric,
-step on the x axis, one line per file, into RUN_DIR/plots/ (or --out).
+Reads every metrics.jsonl at or below RUN_DIR (one per stage) and the run's summary.json, and writes
+into RUN_DIR/plots/ (or --out):
+- summary.png: the run's held-out results before and after each stage, the numbers of the summary
+  table train.py prints at the end (posttrain/summary.py); read it first;
+- dashboard_<stage>.png: one grid of curves per stage (posttrain/dashboard.py lists the panels);
+- metrics/<metric>.png: every logged metric on its own, step on the x axis, one line per file.
 """
 
 from __future__ import annotations
@@ -12,7 +16,20 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from .dashboard import dashboards, summary_figure
+from .summary import summary_rows
 from .tracking import read_metrics
+
+
+def _summaries(run_dir: Path) -> dict:
+    """The run's summary.json: train.py writes it beside resolved_config.yaml in <run_dir>/<name>/; RUN_DIR
+    may be that directory or the one above it (one run). {} when there is none (a stage's directory)."""
+    import json
+
+    runs = [d for d in (run_dir, *sorted(run_dir.glob("*/"))) if (d / "resolved_config.yaml").exists()]
+    if len(runs) == 1 and (runs[0] / "summary.json").exists():
+        return json.loads((runs[0] / "summary.json").read_text())
+    return {}
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -26,13 +43,21 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     if not records:
         raise FileNotFoundError(f"no metrics.jsonl with metrics below {run_dir}; is it a run directory?")
     out = Path(out) if out else run_dir / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics").mkdir(parents=True, exist_ok=True)
+    summaries = _summaries(run_dir)
+    written = []
+    if rows := summary_rows(summaries):
+        summary_figure(rows, out / "summary.png")
+        written.append(out / "summary.png")
+    by_file: dict[str, list[dict]] = defaultdict(list)
+    for rec in records:
+        by_file[rec["file"]].append(rec)
+    written += dashboards(by_file, summaries, out)
     series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         for key, value in rec.items():
             if key not in ("file", "step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 series[key][rec["file"]].append((rec["step"], value))
-    written = []
     for key, lines in sorted(series.items()):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for file, points in sorted(lines.items()):
@@ -45,7 +70,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         if len(lines) > 1:
             ax.legend(fontsize="small")
         fig.tight_layout()
-        path = out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".png")
+        path = out / "metrics" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
@@ -62,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(written)} plots to {written[0].parent}")
+    print(f"wrote {len(written)} plots to {written[0].parent}: read summary.png, then dashboard_<stage>.png; "
+          "one PNG per metric under metrics/")
     return 0
 
 

@@ -46,7 +46,8 @@ def records(run_dir: Path, prefix: str) -> dict[int, dict]:
 
 def test_bond_two_ranks_zero3_resume_after_sigkill_is_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    zero3 = ["distributed.zero_stage=3", "policy.algorithm=bond", *SAFETY]  # WARP's resume: test_sigterm_resume
+    zero3 = ["distributed.zero_stage=3", "policy.algorithm=bond", "data.eval_safety=safety_prompts_eval",
+             *SAFETY]  # WARP's resume: test_sigterm_resume
     res = train(straight, *zero3, ranks=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a = records(straight, "bond")
@@ -68,6 +69,15 @@ def test_bond_two_ranks_zero3_resume_after_sigkill_is_exact(tmp_path):
     b = records(killed, "bond")
     for s in range(1, STEPS + 1):
         assert (a[s]["bond/loss"], a[s]["bond/reward"]) == (b[s]["bond/loss"], b[s]["bond/reward"]), s
+    # the summary's paired comparison: the same 4 held-out problems before and after, gathered from both
+    # ranks in problem order; the resumed run kept the scores from before its kill
+    sa, sb = (json.loads((d / "smoke" / "policy" / "summary.json").read_text())["bond"] for d in (straight, killed))
+    assert sa["paired"]["n"] == 4 and len(sa["scores"]["before"]) == len(sa["scores"]["after"]) == 4
+    assert sum(sa["scores"]["after"]) / 4 == pytest.approx(sa["after"]["eval/verifier"])
+    assert sa["paired"]["diff"] == pytest.approx(sa["after"]["eval/verifier"] - sa["before"]["eval/verifier"])
+    assert (sa["scores"], sa["paired"]) == (sb["scores"], sb["paired"])
+    for when in ("before", "after"):
+        assert 0 <= sa[when]["eval/safety/harmful_refusal"] <= 1 and 0 <= sa[when]["eval/safety/benign_over_refusal"] <= 1
     wa = load_file(straight / "smoke" / "policy" / "bond" / "final" / "model.safetensors")
     wb = load_file(killed / "smoke" / "policy" / "bond" / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

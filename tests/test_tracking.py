@@ -25,7 +25,7 @@ def test_metrics_jsonl_and_plots(tmp_path, capsys):
     assert records[0]["file"] == "distill/metrics.jsonl" and records[0]["distill/nan"] == "nan"
     assert any(json.loads(line).get("table") == "samples" for line in (tmp_path / "distill/metrics.jsonl").open())
     assert plot_main([str(tmp_path)]) == 0
-    assert (tmp_path / "plots" / "distill_loss.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "metrics" / "distill_loss.png").stat().st_size > 1000
 
 
 def test_plot_of_an_empty_directory_is_a_clear_error(tmp_path, capsys):

@@ -33,9 +33,10 @@ from ..errors import UserError
 from ..images import image_config
 from ..model import Gemma3
 from ..seeds import derive_seed
+from ..stats import format_interval
 from .policy_warp import run_warp
-from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, linear_loss_step, loss_passes, rollout,
-                 rollout_metrics, score, secondary, seq_logprobs, train_loop)
+from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, linear_loss_step, loss_passes, paired_summary,
+                 rollout, rollout_metrics, score, secondary, seq_logprobs, train_loop)
 from ..tracking import Tracker
 from .loop import StageResult, finish, finished
 
@@ -94,7 +95,8 @@ def build_reward(cfg: Config, reward_model_path: Path | None):
     return rewards.from_config(specs)
 
 
-def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path) -> dict:
+def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path,
+             safety=None) -> dict:
     p = cfg.policy
     if (summary := finished(cfg, out_dir, p.steps, "J-BOND")) is not None:
         return summary
@@ -105,18 +107,36 @@ def run_bond(cfg: Config, student: Gemma3, tok, prompts, held, reward, verifier,
     state = (engine.resumed_rank_state or {}).get("anchor")
     anchor = Anchor(engine, state)
     before = (extra or {}).get("before") or {}
+    before_scores = (extra or {}).get("before_scores") or []
     if not before:
-        before = evaluate(engine, held, verifier, reward, cfg, tok)
+        before, before_scores = evaluate(engine, held, verifier, reward, cfg, tok, per_problem=True, safety=safety)
         tracker.log({f"bond/{k}": v for k, v in before.items()}, step=0)
     last = train_loop("bond", engine, anchor, bond_step, prompts, held, reward, verifier, cfg, tok, tracker, out_dir,
-                      start=start, before=before)
-    after = evaluate(engine, held, verifier, reward, cfg, tok)
+                      start=start, before=before, state={"before_scores": before_scores})
+    after, after_scores = evaluate(engine, held, verifier, reward, cfg, tok, per_problem=True, safety=safety)
     tracker.log({f"bond/{k}": v for k, v in after.items()}, step=p.steps)
-    summary = {"steps": p.steps, "before": before, "after": after, "last": last}
+    summary = {"steps": p.steps, "before": before, "after": after, "last": last,
+               **paired_summary(before_scores, after_scores, cfg)}
     engine.export_final(tok, out_dir / "final", summary)
-    finish(engine, out_dir, p.steps, summary, state={"before": before}, rank_state={"anchor": anchor.state})
+    finish(engine, out_dir, p.steps, summary, state={"before": before, "before_scores": before_scores},
+           rank_state={"anchor": anchor.state})
     engine.close()
     return summary
+
+
+def safety_prompts(cfg: Config, tok, images) -> Prompts | None:
+    """data.eval_safety as prompts; every row needs a boolean `harmful` (what the rates are counted by)."""
+    if not cfg.data.eval_safety:
+        return None
+    from .distill import load_split
+
+    rows = load_split(cfg.data.eval_safety, "data.eval_safety")
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("harmful"), bool):
+            raise UserError(f"data.eval_safety ({cfg.data.eval_safety}), row {i}: needs a boolean 'harmful' (true for "
+                            f"a prompt to refuse, false for one to answer), got {row.get('harmful')!r}; fix: label "
+                            "the row, or use the bundled safety_prompts_eval")
+    return Prompts(rows, tok, "data.eval_safety", images)
 
 
 def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None = None,
@@ -128,6 +148,7 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
     images = image_config(student.config, cfg.data.pan_and_scan)
     prompts = Prompts(load_split(cfg.data.prompts, "data.prompts"), tok, "data.prompts", images)
     held = Prompts(load_split(cfg.data.eval, "data.eval"), tok, "data.eval", images) if cfg.data.eval else None
+    safety = safety_prompts(cfg, tok, images)
     reward = build_reward(cfg, reward_model_path)
     import rewards
 
@@ -136,7 +157,8 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
     summary: dict = {"algorithm": p.algorithm}
     final = None
     if p.algorithm in ("bond", "bond_then_warp"):
-        summary["bond"] = run_bond(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "bond")
+        summary["bond"] = run_bond(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "bond",
+                                   safety)
         final = out_dir / "bond" / "final"
     if p.algorithm in ("warp", "bond_then_warp"):
         if final is not None:
@@ -144,7 +166,7 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
 
             student = load_model(final, dtype=student.embed_tokens.weight.dtype)
         summary["warp"] = run_warp(cfg, student, tok, prompts, held, reward, verifier, tracker, out_dir / "warp",
-                                   first_step=p.steps if "bond" in summary else 0)
+                                   first_step=p.steps if "bond" in summary else 0, safety=safety)
         final = out_dir / "warp" / "final"
     tracker.finish()
     if rank() == 0:
@@ -153,8 +175,11 @@ def run_policy(cfg: Config, student: Gemma3, tok, reward_model_path: Path | None
             if part in summary and summary[part].get("after"):
                 b, a = summary[part]["before"], summary[part]["after"]
                 print(f"policy/{part}: held-out {p.eval_verifier} {b.get('eval/verifier', float('nan')):.3f} -> "
-                      f"{a.get('eval/verifier', float('nan')):.3f}, training reward "
-                      f"{b.get('eval/reward', float('nan')):.3f} -> {a.get('eval/reward', float('nan')):.3f}")
+                      f"{a.get('eval/verifier', float('nan')):.3f}" + (
+                          f" (paired difference {format_interval(summary[part]['paired'])}, 95 % bootstrap over "
+                          f"{summary[part]['paired']['n']} problems)" if "paired" in summary[part] else "") +
+                      f", training reward {b.get('eval/reward', float('nan')):.3f} -> "
+                      f"{a.get('eval/reward', float('nan')):.3f}")
     return StageResult(final, summary)
 
 

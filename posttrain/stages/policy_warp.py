@@ -18,8 +18,8 @@ import torch
 from ..config import Config
 from ..engine import Engine, Frozen, Held, all_sum, barrier, default_warmup, rank, world_size, write_json_atomic
 from ..model import Gemma3
-from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, linear_loss_step, loss_passes, rollout,
-                 rollout_metrics, score, seq_logprobs, step_seed, train_loop)
+from .rl import (Anchor, Prompts, decode, evaluate, keep_scored, linear_loss_step, loss_passes, paired_summary,
+                 rollout, rollout_metrics, score, seq_logprobs, step_seed, train_loop)
 from ..warp import eta_sweep, warp, warp_loss
 from .loop import DONE, drop_checkpoints, finished
 
@@ -64,9 +64,10 @@ def warp_step(engine: Engine, anchor: Anchor, prompts: Prompts, idx: list[int], 
 
 
 def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tracker, out_dir: Path,
-             first_step: int = 0) -> dict:
+             first_step: int = 0, safety=None) -> dict:
     """WARP from `base` (its weights are the first init); returns the summary, writes out_dir/final.
-    first_step: the tracker steps already used in this stage (J-BOND's, when WARP follows it)."""
+    first_step: the tracker steps already used in this stage (J-BOND's, when WARP follows it).
+    safety: held-out safety prompts (data.eval_safety), their refusal rates in every evaluation."""
     import copy
 
     p = cfg.policy
@@ -103,9 +104,9 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
 
     def evaluate_state(state: dict, init: dict) -> dict:
         ev.assign_local(state)
-        metrics = evaluate(ev, held, verifier, reward, cfg, tok)
+        metrics, scores = evaluate(ev, held, verifier, reward, cfg, tok, per_problem=True, safety=safety)
         metrics["eval/kl_to_init"] = _kl_estimate(ev, Anchor(ev, init), held or prompts, cfg, tok)
-        return metrics
+        return {**metrics, "scores": scores}  # per-problem scores: the paired interval of the summary
 
     def log(row: dict) -> None:
         tracker.log({f"warp/iter{row['iteration']}/{row['stage']}/{k}": v for k, v in row.items()
@@ -122,9 +123,13 @@ def run_warp(cfg: Config, base: Gemma3, tok, prompts, held, reward, verifier, tr
                   [[r["eta"], r.get("eval/verifier"), r.get("eval/reward"), r["eval/kl_to_init"]] for r in front],
                   step=block(p.warp_iterations + 1))
     ev.assign_local(result.state)
-    summary = {"history": result.history, "eta_sweep": front,
-               "before": {k: v for k, v in result.history[0].items() if k.startswith("eval/")},
-               "after": {k: v for k, v in result.history[-1].items() if k.startswith("eval/")}}
+    first, last = result.history[0].get("scores", []), result.history[-1].get("scores", [])
+    history = [{k: v for k, v in row.items() if k != "scores"} for row in result.history]
+    front = [{k: v for k, v in row.items() if k != "scores"} for row in front]
+    summary = {"history": history, "eta_sweep": front,
+               "before": {k: v for k, v in history[0].items() if k.startswith("eval/")},
+               "after": {k: v for k, v in history[-1].items() if k.startswith("eval/")},
+               **paired_summary(first, last, cfg)}
     ev.export_final(tok, out_dir / "final", summary)
     if rank() == 0:
         write_json_atomic(out_dir / "eta_sweep.json", front)

@@ -334,12 +334,18 @@ class Anchor:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config, tok) -> dict:
+def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config, tok, *, per_problem: bool = False,
+             safety: Prompts | None = None):
     """Completions of this rank's share of the held-out prompts (greedy, or policy.eval_samples at
     policy.eval_temperature, always with the same seed): the verifier's mean (accuracy; with samples, pass@1
-    estimated from them), the training reward's mean, the mean length and the share that stopped, over all ranks."""
+    estimated from them) and its standard error over problems, the training reward's mean, the mean length and
+    the share that stopped, over all ranks.
+    safety (data.eval_safety): held-out labelled prompts, the same sampling: the refusal rate on the harmful
+    ones and the over-refusal rate on the benign ones. per_problem=True returns (metrics, scores) with scores
+    the verifier's mean per held-out problem in problem order, the same on every rank (stats.paired_interval
+    compares two of them)."""
     if held is None:
-        return {}
+        return ({}, []) if per_problem else {}
     p = cfg.policy
     size = min(p.eval_size, len(held.rows))
     mine = list(range(size))[rank()::world_size()]
@@ -351,11 +357,48 @@ def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config
     r, _ = score(reward, held, idx, texts)
     weight = 1.0 if mine else 0.0
     n = len(idx) * k
+    scores = [0.0] * size
+    for i, row in zip(mine, torch.nan_to_num(v).mean(-1).tolist()):
+        scores[i] = row
     sums = all_sum([float(torch.nan_to_num(v).sum()) * weight, float(torch.nan_to_num(r).sum()) * weight,
                     float(n) * weight, float(sum(len(c) for row in comps for c in row)) * weight,
-                    comps.stopped * n * weight])
-    return {"eval/verifier": sums[0] / sums[2], "eval/reward": sums[1] / sums[2], "eval/length": sums[3] / sums[2],
-            "eval/stopped": sums[4] / sums[2]}
+                    comps.stopped * n * weight] + scores)
+    metrics = {"eval/verifier": sums[0] / sums[2], "eval/reward": sums[1] / sums[2], "eval/length": sums[3] / sums[2],
+               "eval/stopped": sums[4] / sums[2],
+               # the standard error of the verifier's mean over problems: the dashboards' error bars
+               "eval/verifier_se": float(torch.tensor(sums[5:]).std() / size ** 0.5) if size > 1 else 0.0}
+    if safety is not None:
+        metrics |= safety_rates(engine, safety, cfg, tok)
+    return (metrics, sums[5:]) if per_problem else metrics
+
+
+def paired_summary(before: list[float], after: list[float], cfg: Config) -> dict:
+    """The held-out verifier's per-problem scores before and after, and their paired difference with its
+    95 % bootstrap interval over problems (stats.paired_interval); nothing without held-out problems."""
+    if not before or len(before) != len(after):
+        return {}
+    from ..stats import paired_interval
+
+    return {"paired": paired_interval(before, after, seed=cfg.seed), "scores": {"before": before, "after": after}}
+
+
+def safety_rates(engine: Engine, safety: Prompts, cfg: Config, tok) -> dict:
+    """Refusal rate on the harmful rows and over-refusal rate on the benign rows of `safety` (the safety
+    reward's refusal detector, rewards.safety.is_refusal), at the held-out sampling settings, over all ranks."""
+    from rewards.safety import is_refusal
+
+    p = cfg.policy
+    mine = list(range(len(safety.rows)))[rank()::world_size()]
+    k = p.eval_samples if p.eval_temperature > 0 else 1
+    comps = rollout(engine, safety, mine or [0], k, cfg, tok, seed=0, temperature=p.eval_temperature)
+    counts = [0.0] * 4  # harmful refused, harmful samples, benign refused, benign samples
+    for i, row in zip(mine, decode(tok, comps)):
+        at = 0 if safety.rows[i]["harmful"] else 2
+        counts[at] += sum(map(is_refusal, row))
+        counts[at + 1] += len(row)
+    h_ref, h_n, b_ref, b_n = all_sum(counts)
+    return {"eval/safety/harmful_refusal": h_ref / h_n if h_n else float("nan"),
+            "eval/safety/benign_over_refusal": b_ref / b_n if b_n else float("nan")}
 
 
 # ----------------------------------------------------------------------------- shared by the steps
@@ -410,9 +453,9 @@ def step_seed(cfg: Config, *key: int | str) -> int:
 
 def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prompts, held, reward, verifier,
                cfg: Config, tok, tracker: Tracker, out_dir: Path, *, start: int, before: dict, step_offset: int = 0,
-               seed_key: int = 0, log_samples: bool = True) -> dict:
+               seed_key: int = 0, log_samples: bool = True, state: dict | None = None) -> dict:
     """Steps start..policy.steps of one RL run through the step loop; checkpoints hold the engine,
-    the anchor's shards and the evaluation before."""
+    the anchor's shards, the evaluation before and `state` (more of what the run needs back on resume)."""
     p = cfg.policy
     health = RewardHealth(name, reward, cfg, cfg.data.micro_batch_size * p.samples_per_prompt)
 
@@ -428,7 +471,7 @@ def train_loop(name: str, engine: Engine, anchor: Anchor, step_fn, prompts: Prom
     loop = StepLoop(name, engine, tracker, cfg, p.steps, prefix=f"{name}/", step_offset=step_offset,
                     eval_every=p.eval_every if held is not None else 0,
                     evaluate=lambda: evaluate(engine, held, verifier, reward, cfg, tok),
-                    state=lambda: {"before": before}, rank_state=lambda: {"anchor": anchor.state},
+                    state=lambda: {"before": before, **(state or {})}, rank_state=lambda: {"anchor": anchor.state},
                     postfix=("reward", ".3f"))
     last = loop.run(one_step, start)
     if log_samples and p.steps > start:
@@ -445,5 +488,5 @@ def log_sample_table(name, engine, prompts, reward, cfg, tok, tracker, step) -> 
     tracker.table(f"{name}/samples", ["prompt", "completion", "reward"], rows, step=step)
 
 
-__all__ = ["Prompts", "score", "RewardHealth", "Rollout", "stop_ids", "rollout", "seq_logprobs", "token_logprobs", "linear_loss_step", "loss_passes", "Anchor", "evaluate", "decode",
+__all__ = ["Prompts", "score", "RewardHealth", "Rollout", "stop_ids", "rollout", "seq_logprobs", "token_logprobs", "linear_loss_step", "loss_passes", "Anchor", "evaluate", "safety_rates", "paired_summary", "decode",
            "secondary", "keep_scored", "rollout_metrics", "step_seed", "train_loop", "log_sample_table"]
