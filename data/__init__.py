@@ -7,7 +7,8 @@
 
 Names (`data.NAMES`): `arithmetic` (training problems), `arithmetic_eval` (held-out problems:
 other split, other seed), `arithmetic_pairs` (preference pairs: correct vs wrong final answer),
-`arithmetic_copy_pairs` (right working, final answer contradicting it),
+`arithmetic_copy_pairs` (right working, final answer contradicting it), `arithmetic_mixed_pairs`
+(half of each kind),
 `safety_prompts` (labelled harmful and benign prompts), `safety_prompts_train` / `safety_prompts_eval`
 (the same, split by a hash of the text: one in three held out), `demo_prompts` (the arithmetic problems
 with the training split of the safety prompts spread among them: the demo's policy prompts), `shape_colours` /
@@ -43,6 +44,7 @@ BUNDLED: dict[str, Callable[[], list[dict]]] = {
     "arithmetic_eval": _arithmetic.arithmetic_eval,
     "arithmetic_pairs": _arithmetic.arithmetic_pairs,
     "arithmetic_copy_pairs": _arithmetic.arithmetic_copy_pairs,
+    "arithmetic_mixed_pairs": _arithmetic.arithmetic_mixed_pairs,
     "safety_prompts": load_safety_prompts,
     "safety_prompts_train": lambda: safety_split(load_safety_prompts(), "train"),
     "safety_prompts_eval": lambda: safety_split(load_safety_prompts(), "eval"),

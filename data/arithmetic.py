@@ -142,22 +142,26 @@ def _wrong(r: random.Random, answer: int) -> int:
     return r.choice(candidates)
 
 
-def generate_pairs(n: int, seed: int = 0, split: Split = "train", consistent: bool = True) -> list[dict]:
+def generate_pairs(n: int, seed: int = 0, split: Split = "train", consistent: bool | float = True) -> list[dict]:
     """Preference pairs: `chosen` is the worked solution, `rejected` ends in a wrong answer.
 
     consistent: the rejected working line shows the wrong result too (judging it takes arithmetic);
     else the working is right and only the final `Answer:` differs from it (a copy error: judging
-    it takes comparing two numbers in the text)."""
-    r = random.Random(f"arithmetic-pairs-{seed}" + ("" if consistent else "-copy"))
+    it takes comparing two numbers in the text). A float is the share of consistent pairs, each pair
+    drawn at random (its `consistent` column says which it is)."""
+    tag = "" if consistent is True else "-copy" if consistent is False else f"-mixed{consistent}"
+    r = random.Random(f"arithmetic-pairs-{seed}{tag}")
     pairs = []
     for row in generate(n, seed=seed, split=split):
         right = int(row["answer"])
         wrong = _wrong(r, right)
         steps = row["solution"].rsplit(" Answer:", 1)[0]
         last = steps.rsplit("= ", 1)
-        rejected_steps = f"{last[0]}= {wrong}." if len(last) == 2 and consistent else steps
+        hard = consistent if isinstance(consistent, bool) else r.random() < consistent
+        rejected_steps = f"{last[0]}= {wrong}." if len(last) == 2 and hard else steps
         pairs.append({"prompt": row["prompt"], "chosen": row["solution"],
-                      "rejected": f"{rejected_steps} Answer: {wrong}", "answer": row["answer"]})
+                      "rejected": f"{rejected_steps} Answer: {wrong}", "answer": row["answer"],
+                      "consistent": hard})
     return pairs
 
 
@@ -166,7 +170,7 @@ def arithmetic(n: int = 2000) -> list[dict]:
     return generate(n, seed=0, split="train")
 
 
-def arithmetic_eval(n: int = 200) -> list[dict]:
+def arithmetic_eval(n: int = 512) -> list[dict]:
     """Held-out problems: the eval split, another seed; no prompt is shared with `arithmetic`."""
     return generate(n, seed=1, split="eval")
 
@@ -179,3 +183,10 @@ def arithmetic_pairs(n: int = 1000) -> list[dict]:
 def arithmetic_copy_pairs(n: int = 1000) -> list[dict]:
     """Preference pairs whose rejected answer contradicts its own (right) working, train split."""
     return generate_pairs(n, seed=3, split="train", consistent=False)
+
+
+def arithmetic_mixed_pairs(n: int = 1000) -> list[dict]:
+    """Half copy pairs (the rejected answer contradicts its working), half consistent ones (the
+    rejected working is wrong too), train split: a reward model sees the first kind and has to
+    calculate for the second, so the 270M's accuracy sits between chance and 1 (WARM's demo set)."""
+    return generate_pairs(n, seed=4, split="train", consistent=0.5)

@@ -67,7 +67,9 @@ def test_evaluate_reports_per_problem_scores_in_order_and_safety_rates_by_label(
 
     def rollout(engine, prompts, idx, k, cfg, tok, seed, temperature=None):
         assert k == 2 and seed == 0 and temperature == 0.7  # the same draw before and after training
-        return _Comps([[[i]] * k for i in idx]) if prompts is not Safety else _Comps([[[100 + i]] * k for i in idx])
+        out = _Comps([[[i]] * k for i in idx]) if prompts is not Safety else _Comps([[[100 + i]] * k for i in idx])
+        out.finished = [True] * (len(idx) * k)
+        return out
 
     def decode(tok, comps):
         out = []
@@ -89,4 +91,5 @@ def test_evaluate_reports_per_problem_scores_in_order_and_safety_rates_by_label(
     assert metrics["eval/verifier_se"] == pytest.approx(np.std(scores, ddof=1) / np.sqrt(5))
     assert metrics["eval/safety/harmful_refusal"] == pytest.approx(3 / 4)
     assert metrics["eval/safety/benign_over_refusal"] == 0.0
+    assert metrics["eval/stopped"] == 1.0
     assert rl.evaluate(None, Held, None, None, cfg, None) == {k: v for k, v in metrics.items() if "safety" not in k}

@@ -168,7 +168,8 @@ class RewardHealth:
 class Rollout(list):
     """Completions' token ids, out[prompt][sample], plus `entropy`: the mean over sampled tokens of
     -log pi(token) at temperature 1 (a per-token entropy estimate when sampling at temperature 1), and
-    `stopped`: the share of completions that ended on a stop token rather than at max_new_tokens,
+    `stopped`: the share of completions that ended on a stop token rather than at max_new_tokens
+    (`finished`: that, per completion, prompt-major),
     `logprobs`: the sampler's log pi(token) per token, out[prompt][sample][t] (temperature 1)."""
 
     entropy: float = float("nan")
@@ -203,8 +204,8 @@ def rollout(engine: Engine, prompts: Prompts, idx: list[int], n: int, cfg: Confi
     result.logprobs = [[list(c.logprobs) for c in row] for row in out]
     lps = [lp for row in out for c in row for lp in c.logprobs]
     result.entropy = -sum(lps) / len(lps) if lps else float("nan")
-    finished = [c.finish_reason == "stop" for row in out for c in row]
-    result.stopped = sum(finished) / len(finished)
+    result.finished = [c.finish_reason == "stop" for row in out for c in row]  # per sample, prompt-major
+    result.stopped = sum(result.finished) / len(result.finished)
     return result
 
 
@@ -349,20 +350,25 @@ def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config
     p = cfg.policy
     size = min(p.eval_size, len(held.rows))
     mine = list(range(size))[rank()::world_size()]
-    idx = mine or [0]  # a rank with no share still takes part in the collective gathers
+    # every rank samples the same number of prompts (ZeRO-3's gathers inside the sampler's forwards must
+    # match, and a rank with no share still takes part): a short share is padded, the padding not counted
+    share = -(-size // world_size())
+    idx = (mine or [0]) + [(mine or [0])[0]] * (share - len(mine or [0]))
     k = p.eval_samples if p.eval_temperature > 0 else 1
     comps = rollout(engine, held, idx, k, cfg, tok, seed=0, temperature=p.eval_temperature)
     texts = decode(tok, comps)
     v, _ = score(verifier, held, idx, texts)
     r, _ = score(reward, held, idx, texts)
+    v, r, real = v[:len(mine)], r[:len(mine)], comps[:len(mine)]
     weight = 1.0 if mine else 0.0
-    n = len(idx) * k
+    n = len(mine) * k
     scores = [0.0] * size
     for i, row in zip(mine, torch.nan_to_num(v).mean(-1).tolist()):
         scores[i] = row
+    stopped = float(sum(comps.finished[:n]))  # the samples of the real prompts that ended on a stop token
     sums = all_sum([float(torch.nan_to_num(v).sum()) * weight, float(torch.nan_to_num(r).sum()) * weight,
-                    float(n) * weight, float(sum(len(c) for row in comps for c in row)) * weight,
-                    comps.stopped * n * weight] + scores)
+                    float(n) * weight, float(sum(len(c) for row in real for c in row)) * weight,
+                    stopped * weight] + scores)
     metrics = {"eval/verifier": sums[0] / sums[2], "eval/reward": sums[1] / sums[2], "eval/length": sums[3] / sums[2],
                "eval/stopped": sums[4] / sums[2],
                # the standard error of the verifier's mean over problems: the dashboards' error bars
@@ -390,7 +396,11 @@ def safety_rates(engine: Engine, safety: Prompts, cfg: Config, tok) -> dict:
     p = cfg.policy
     mine = list(range(len(safety.rows)))[rank()::world_size()]
     k = p.eval_samples if p.eval_temperature > 0 else 1
-    comps = rollout(engine, safety, mine or [0], k, cfg, tok, seed=0, temperature=p.eval_temperature)
+    # every rank samples the same number of prompts (ZeRO-3's gathers inside the sampler's forwards must
+    # match): a shorter share is padded with its first prompt, which is not counted
+    share = -(-len(safety.rows) // world_size())
+    idx = (mine or [0]) + [(mine or [0])[0]] * (share - len(mine or [0]))
+    comps = rollout(engine, safety, idx, k, cfg, tok, seed=0, temperature=p.eval_temperature)
     counts = [0.0] * 4  # harmful refused, harmful samples, benign refused, benign samples
     for i, row in zip(mine, decode(tok, comps)):
         at = 0 if safety.rows[i]["harmful"] else 2
