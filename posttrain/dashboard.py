@@ -113,7 +113,7 @@ def summary_figure(rows: list[Row], path: Path) -> dict[tuple[str, str], tuple[f
         title = stage
         if paired := next((r.paired for r in stage_rows if r.paired), None):
             title += (f"\nverifier {paired['diff']:+.3f} [{paired['lo']:+.3f}, {paired['hi']:+.3f}]"
-                      f" (95 %, {paired['n']} problems)")
+                      f"\n(paired, 95 %, {paired['n']} problems)")
         ax.set_title(title, fontsize=9)
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle("held-out, before (grey) and after (blue) each stage: the run's summary table "
