@@ -297,7 +297,8 @@ def test_arithmetic_is_deterministic_and_splits_are_disjoint():
     assert arithmetic.generate(50, seed=3) == arithmetic.generate(50, seed=3)
     assert arithmetic.generate(50, seed=3) != arithmetic.generate(50, seed=4)
     train, held_out = data.load("arithmetic"), data.load("arithmetic_eval")
-    assert len(train) == 2000 and len(held_out) == 200
+    assert len(train) == 2000 and len(held_out) == 512
+    assert held_out[:200] == arithmetic.arithmetic_eval(200)  # a larger eval set keeps the old problems first
     train_prompts = {r["prompt"] for r in train}
     assert len(train_prompts) == len(train)
     assert not train_prompts & {r["prompt"] for r in held_out}
@@ -314,6 +315,15 @@ def test_arithmetic_answers_are_right():
             assert eval(f"{a} {op} {b}") == int(c), row  # every step of the worked solution
         assert extract_answer(row["solution"]) == (row["answer"], "answer")
         assert int(row["answer"]) >= 0
+
+
+def test_mixed_pairs_hold_both_kinds_and_say_which():
+    pairs = data.load("arithmetic_mixed_pairs")
+    hard = [p for p in pairs if p["consistent"]]
+    assert 0.4 < len(hard) / len(pairs) < 0.6
+    for p in pairs:
+        working, answer = p["rejected"].rsplit(" Answer: ", 1)
+        assert (working.rstrip(".").rsplit("= ", 1)[-1] == answer) == p["consistent"], p
 
 
 def test_arithmetic_pairs_differ_only_in_correctness():
