@@ -334,6 +334,15 @@ class Anchor:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def _equal_share(n: int) -> tuple[list[int], list[int]]:
+    """This rank's prompts of n (mine) and what it samples (idx): the same count on every rank, because
+    ZeRO-3's gathers inside the sampler's forwards must match and a rank with no share still takes part;
+    a short share is padded with a repeat of a prompt, which the caller does not count."""
+    mine = list(range(n))[rank()::world_size()]
+    pad = (mine or [0])[0]
+    return mine, (mine or [pad]) + [pad] * (-(-n // world_size()) - len(mine or [pad]))
+
+
 @torch.no_grad()
 def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config, tok, *, per_problem: bool = False,
              safety: Prompts | None = None):
@@ -349,26 +358,20 @@ def evaluate(engine: Engine, held: Prompts | None, verifier, reward, cfg: Config
         return ({}, []) if per_problem else {}
     p = cfg.policy
     size = min(p.eval_size, len(held.rows))
-    mine = list(range(size))[rank()::world_size()]
-    # every rank samples the same number of prompts (ZeRO-3's gathers inside the sampler's forwards must
-    # match, and a rank with no share still takes part): a short share is padded, the padding not counted
-    share = -(-size // world_size())
-    idx = (mine or [0]) + [(mine or [0])[0]] * (share - len(mine or [0]))
+    mine, idx = _equal_share(size)
     k = p.eval_samples if p.eval_temperature > 0 else 1
     comps = rollout(engine, held, idx, k, cfg, tok, seed=0, temperature=p.eval_temperature)
     texts = decode(tok, comps)
     v, _ = score(verifier, held, idx, texts)
     r, _ = score(reward, held, idx, texts)
-    v, r, real = v[:len(mine)], r[:len(mine)], comps[:len(mine)]
-    weight = 1.0 if mine else 0.0
+    v, r, real = v[:len(mine)], r[:len(mine)], comps[:len(mine)]  # the padding is not counted
     n = len(mine) * k
     scores = [0.0] * size
     for i, row in zip(mine, torch.nan_to_num(v).mean(-1).tolist()):
         scores[i] = row
     stopped = float(sum(comps.finished[:n]))  # the samples of the real prompts that ended on a stop token
-    sums = all_sum([float(torch.nan_to_num(v).sum()) * weight, float(torch.nan_to_num(r).sum()) * weight,
-                    float(n) * weight, float(sum(len(c) for row in real for c in row)) * weight,
-                    stopped * weight] + scores)
+    sums = all_sum([float(torch.nan_to_num(v).sum()), float(torch.nan_to_num(r).sum()), float(n),
+                    float(sum(len(c) for row in real for c in row)), stopped] + scores)
     metrics = {"eval/verifier": sums[0] / sums[2], "eval/reward": sums[1] / sums[2], "eval/length": sums[3] / sums[2],
                "eval/stopped": sums[4] / sums[2],
                # the standard error of the verifier's mean over problems: the dashboards' error bars
@@ -394,12 +397,8 @@ def safety_rates(engine: Engine, safety: Prompts, cfg: Config, tok) -> dict:
     from rewards.safety import is_refusal
 
     p = cfg.policy
-    mine = list(range(len(safety.rows)))[rank()::world_size()]
+    mine, idx = _equal_share(len(safety.rows))
     k = p.eval_samples if p.eval_temperature > 0 else 1
-    # every rank samples the same number of prompts (ZeRO-3's gathers inside the sampler's forwards must
-    # match): a shorter share is padded with its first prompt, which is not counted
-    share = -(-len(safety.rows) // world_size())
-    idx = (mine or [0]) + [(mine or [0])[0]] * (share - len(mine or [0]))
     comps = rollout(engine, safety, idx, k, cfg, tok, seed=0, temperature=p.eval_temperature)
     counts = [0.0] * 4  # harmful refused, harmful samples, benign refused, benign samples
     for i, row in zip(mine, decode(tok, comps)):
